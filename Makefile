@@ -1,0 +1,25 @@
+# The two commands a newcomer needs (see README.md):
+#   make demo   sets up .venv and trains + evaluates a tiny DeiT on the built-in digits data
+#   make test   sets up .venv and runs the test suite (what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv demo test clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) tools/run_net.py --cfg configs/demo/DeiT_Ti_digits.yaml
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs *.egg-info

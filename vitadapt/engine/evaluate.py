@@ -1,0 +1,63 @@
+"""Evaluation: top-1/top-5, loss and per-image GMACs over a split, reduced exactly across processes."""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from vitadapt.models.flops import vit_macs
+from vitadapt.utils import distributed as du
+from vitadapt.utils.checkpoint import unwrap
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Number of samples whose label is among the top-k logits (k is capped at the number of classes)."""
+    k = min(k, logits.shape[1])
+    return (logits.topk(k, dim=1).indices == labels[:, None]).any(dim=1).sum()
+
+
+@torch.no_grad()
+def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
+             keep_predictions: bool = False) -> dict:
+    """Every process evaluates its shard (no padding); sums are all-reduced, so each item counts once."""
+    model.eval()
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # n, top1, top5, loss, skipped
+    macs, predictions = [], []
+    for batch in loader:
+        sums[4] += batch["skipped"]
+        if batch["inputs"] is None:
+            continue
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(batch["inputs"]).float()
+        labels = batch["labels"]
+        sums[0] += labels.numel()
+        sums[1] += topk_correct(logits, labels, 1)
+        sums[2] += topk_correct(logits, labels, 5)
+        sums[3] += F.cross_entropy(logits, labels, reduction="sum")
+        token_counts = getattr(unwrap(model), "last_token_counts", None)
+        if token_counts is not None:
+            macs.append(vit_macs(unwrap(model), token_counts).cpu())
+        if keep_predictions:
+            predictions.append((batch["index"].cpu(), logits.cpu(), labels.cpu()))
+    sums = du.all_reduce_sum(sums).cpu()
+    n = max(sums[0].item(), 1.0)
+    stats = {"num_images": int(sums[0].item()), "top1_acc": 100.0 * sums[1].item() / n,
+             "top5_acc": 100.0 * sums[2].item() / n, "loss": sums[3].item() / n, "skipped_images": int(sums[4].item())}
+    gathered = [m for part in du.all_gather_objects(macs) for m in part]  # every rank calls the collective
+    all_macs = torch.cat(gathered) if gathered else None
+    if all_macs is not None and all_macs.numel():
+        stats.update(gmacs_mean=all_macs.mean().item() / 1e9, gmacs_p50=all_macs.quantile(0.5).item() / 1e9,
+                     gmacs_p95=all_macs.quantile(0.95).item() / 1e9)
+    if keep_predictions:
+        parts = [p for rank_parts in du.all_gather_objects(predictions) for p in rank_parts]
+        if parts:
+            index = torch.cat([p[0] for p in parts])
+            order = index.argsort()
+            stats["predictions"] = {"index": index[order], "logits": torch.cat([p[1] for p in parts])[order],
+                                    "labels": torch.cat([p[2] for p in parts])[order]}
+    return stats

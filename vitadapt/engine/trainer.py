@@ -1,0 +1,309 @@
+"""The train and test jobs: a thin loop with hooks (LR schedule, EMA, method schedules) around one step."""
+
+import logging
+import os
+import random
+import time
+from datetime import timedelta
+from typing import List, Optional
+
+import numpy as np
+import torch
+from iopath.common.file_io import g_pathmgr
+from timm.data import Mixup
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+
+from vitadapt.config import ConfigError
+from vitadapt.datasets import construct_loader
+from vitadapt.losses import build_loss
+from vitadapt.models import build_model
+from vitadapt.models.flops import vit_macs
+from vitadapt.utils import checkpoint as cu
+from vitadapt.utils import distributed as du
+from vitadapt.utils.logging import log_json_stats, setup_logging
+from vitadapt.utils.lr_policy import lr_at_epoch
+from vitadapt.utils.optimizer import build_optimizer
+
+from .evaluate import evaluate, to_device, topk_correct
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class Hook:
+    """Called by the loop; `epoch` is fractional (epoch + iter / iters_per_epoch) in before_step."""
+
+    def before_step(self, trainer: "Trainer", epoch: float) -> None:
+        pass
+
+    def after_step(self, trainer: "Trainer") -> None:
+        pass
+
+
+class LRSchedule(Hook):
+    def before_step(self, trainer, epoch):
+        trainer.lr = lr_at_epoch(trainer.cfg, epoch)
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = trainer.lr
+
+
+class EMAUpdate(Hook):
+    def after_step(self, trainer):
+        trainer.ema.update(cu.unwrap(trainer.model), step=trainer.global_step)
+
+
+class ModelSchedule(Hook):
+    """Lets a method follow training progress (e.g. a keep-rate warm-up) through `model.set_progress(epoch)`."""
+
+    def before_step(self, trainer, epoch):
+        cu.unwrap(trainer.model).set_progress(epoch)
+
+
+def select_device(cfg) -> torch.device:
+    if cfg.NUM_GPUS == 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"NUM_GPUS is {cfg.NUM_GPUS} but CUDA is not available here; set NUM_GPUS 0 to run on the CPU")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def amp_dtype(cfg, device: torch.device) -> Optional[torch.dtype]:
+    if cfg.TRAIN.AMP == "off":
+        return None
+    if device.type != "cuda":
+        logger.warning("TRAIN.AMP %s is ignored on the CPU", cfg.TRAIN.AMP)
+        return None
+    return torch.float16 if cfg.TRAIN.AMP == "fp16" else torch.bfloat16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare(cfg, job: str):
+    """Logging, seeds, device, and the model on it."""
+    rank = du.get_rank()
+    setup_logging(cfg.OUTPUT_DIR, rank)
+    if rank == 0:
+        g_pathmgr.mkdirs(cfg.OUTPUT_DIR)
+        with g_pathmgr.open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+        logger.info("%s job, %d process(es), output in %s", job, du.get_world_size(), cfg.OUTPUT_DIR)
+    seed_everything(cfg.RNG_SEED + rank)
+    device = select_device(cfg)
+    model = build_model(cfg).to(device)
+    if cfg.LOG_MODEL_INFO and rank == 0:
+        log_model_info(model, cfg, device)
+    return model, device
+
+
+@torch.no_grad()
+def log_model_info(model, cfg, device) -> None:
+    params = sum(p.numel() for p in model.parameters())
+    was_training = model.training
+    model.eval()
+    model(torch.zeros(1, cfg.VIT.IN_CHANS, cfg.DATA.TEST_CROP_SIZE, cfg.DATA.TEST_CROP_SIZE, device=device))
+    gmacs = vit_macs(model, model.last_token_counts).item() / 1e9
+    model.train(was_training)
+    logger.info("model %s: %.2fM parameters, %.3f GMACs per image at %dpx", cfg.MODEL.NAME, params / 1e6, gmacs,
+                cfg.DATA.TEST_CROP_SIZE)
+
+
+def wrap_ddp(model, device):
+    if du.get_world_size() == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+class Trainer:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        model, self.device = prepare(cfg, "train")
+        self.amp_dtype = amp_dtype(cfg, self.device)
+        self.optimizer = build_optimizer(model, cfg.SOLVER)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.ema = ModelEmaV3(model, decay=cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLE else None
+        self.loss_fn = build_loss(cfg)
+        self.start_epoch = self.restore(model)
+        self.model = wrap_ddp(model, self.device)
+        rank, world = du.get_rank(), du.get_world_size()
+        self.train_loader = construct_loader(cfg, "train", rank, world)
+        self.val_loader = construct_loader(cfg, "val", rank, world)
+        self.mixup = Mixup(mixup_alpha=cfg.MIXUP.ALPHA, cutmix_alpha=cfg.MIXUP.CUTMIX_ALPHA, prob=cfg.MIXUP.PROB,
+                           switch_prob=cfg.MIXUP.SWITCH_PROB, label_smoothing=cfg.TRAIN.LABEL_SMOOTHING,
+                           num_classes=cfg.MODEL.NUM_CLASSES) if cfg.MIXUP.ENABLE else None
+        self.hooks: List[Hook] = [LRSchedule()]
+        if self.ema is not None:
+            self.hooks.append(EMAUpdate())
+        if hasattr(model, "set_progress"):
+            self.hooks.append(ModelSchedule())
+        self.writer = None
+        if cfg.TENSORBOARD.ENABLE and du.is_master():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(cfg.TENSORBOARD.LOG_DIR or os.path.join(cfg.OUTPUT_DIR, "tensorboard"))
+        self.global_step = self.start_epoch * len(self.train_loader)
+        self.lr = 0.0
+
+    def restore(self, model) -> int:
+        cfg = self.cfg
+        last = cu.last_checkpoint(cfg.OUTPUT_DIR) if cfg.TRAIN.AUTO_RESUME else None
+        if last:
+            epoch = cu.resume(last, model, self.optimizer, self.scaler, self.ema)
+            logger.info("resumed from %s: %d epoch(s) done", last, epoch)
+            return epoch
+        if cfg.TRAIN.CHECKPOINT_FILE_PATH:
+            cu.load_weights(model, cfg.TRAIN.CHECKPOINT_FILE_PATH, reset_head_on_mismatch=True)
+            if self.ema is not None:
+                self.ema.module.load_state_dict(model.state_dict())
+        return 0
+
+    def scalars(self, stats: dict, step: int) -> None:
+        if self.writer is not None:
+            for key, value in stats.items():
+                if isinstance(value, (int, float)) and key not in ("epoch", "iter"):
+                    self.writer.add_scalar(f"{stats['_type']}/{key}", value, step)
+
+    def run(self):
+        cfg = self.cfg
+        max_epoch = cfg.SOLVER.MAX_EPOCH
+        best_top1 = None
+        for epoch in range(self.start_epoch, max_epoch):
+            self.train_loader.sampler.set_epoch(epoch)
+            train_stats = self.train_one_epoch(epoch)
+            last = epoch + 1 == max_epoch
+            if (epoch + 1) % cfg.TRAIN.EVAL_PERIOD == 0 or last:
+                val_stats = self.validate(epoch)
+                best_top1 = max(best_top1 or 0.0, val_stats["top1_acc"])
+            # Saved after evaluation: the RNG state stored is the one the next epoch starts from.
+            if ((epoch + 1) % cfg.TRAIN.CHECKPOINT_PERIOD == 0 or last) and du.is_master():
+                path = cu.save_checkpoint(cfg.OUTPUT_DIR, epoch + 1, self.model, self.optimizer, self.scaler,
+                                          self.ema, cfg, cfg.TRAIN.KEEP_LAST_K)
+                logger.info("saved %s", path)
+            du.barrier()
+        if self.start_epoch >= max_epoch:
+            logger.info("training already finished (%d epochs)", max_epoch)
+        if self.writer is not None:
+            self.writer.close()
+        return cu.unwrap(self.model)
+
+    def validate(self, epoch: int) -> dict:
+        model = self.ema.module if self.ema is not None and self.cfg.MODEL_EMA.EVAL else self.model
+        stats = evaluate(model, self.val_loader, self.device, self.amp_dtype)
+        stats.update(_type="val", epoch=epoch + 1)
+        logger.info("val epoch %d: top1 %.2f%% top5 %.2f%% loss %.4f (%d images)", epoch + 1, stats["top1_acc"],
+                    stats["top5_acc"], stats["loss"], stats["num_images"])
+        if du.is_master():
+            log_json_stats(stats)
+            self.scalars(stats, epoch + 1)
+        return stats
+
+    def train_one_epoch(self, epoch: int) -> dict:
+        cfg, model, device = self.cfg, self.model, self.device
+        model.train()
+        iters = len(self.train_loader)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # n, loss*n, top1 correct, skipped
+        start = tick = time.perf_counter()
+        for it, batch in enumerate(self.train_loader):
+            progress = epoch + it / iters
+            for hook in self.hooks:
+                hook.before_step(self, progress)
+            sums[3] += batch["skipped"]
+            if batch["inputs"] is None:
+                continue
+            batch = to_device(batch, device)
+            inputs, labels = batch["inputs"], batch["labels"]
+            targets = labels
+            if self.mixup is not None:
+                if inputs.shape[0] % 2:  # timm's mixup pairs images; a skipped image can leave an odd batch
+                    inputs, labels = inputs[:-1], labels[:-1]
+                inputs, targets = self.mixup(inputs, labels)
+            with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                logits = model(inputs)
+                loss = self.loss_fn(logits.float(), targets)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it + 1}; training stopped. The last "
+                    f"good checkpoint is {cu.last_checkpoint(cfg.OUTPUT_DIR) or 'none (no epoch finished)'}; "
+                    f"lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRAD_L2NORM")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.SOLVER.CLIP_GRAD_L2NORM > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.SOLVER.CLIP_GRAD_L2NORM)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.global_step += 1
+            for hook in self.hooks:
+                hook.after_step(self)
+
+            n = labels.numel()
+            sums[0] += n
+            sums[1] += loss.detach() * n
+            sums[2] += topk_correct(logits.detach(), labels, 1)
+            if (it + 1) % cfg.LOG_PERIOD == 0 or it + 1 == iters:
+                self.log_progress(epoch, it, iters, loss.item(), start, tick)
+                tick = time.perf_counter()
+        sums = du.all_reduce_sum(sums).cpu()
+        n = max(sums[0].item(), 1.0)
+        stats = {"_type": "train_epoch", "epoch": epoch + 1, "loss": sums[1].item() / n,
+                 "top1_acc": 100.0 * sums[2].item() / n, "lr": self.lr, "skipped_images": int(sums[3].item()),
+                 "epoch_time_s": time.perf_counter() - start}
+        if stats["skipped_images"]:
+            logger.warning("epoch %d: skipped %d undecodable image(s)", epoch + 1, stats["skipped_images"])
+        if du.is_master():
+            log_json_stats(stats)
+            self.scalars(stats, epoch + 1)
+        return stats
+
+    def log_progress(self, epoch, it, iters, loss, start, tick):
+        elapsed = time.perf_counter() - start
+        per_iter = elapsed / (it + 1)
+        remaining = per_iter * ((iters - it - 1) + (self.cfg.SOLVER.MAX_EPOCH - epoch - 1) * iters)
+        logger.info("epoch %d/%d iter %d/%d loss %.4f lr %.3e %.3fs/iter eta %s", epoch + 1, self.cfg.SOLVER.MAX_EPOCH,
+                    it + 1, iters, loss, self.lr, per_iter, timedelta(seconds=int(remaining)))
+        if du.is_master():
+            self.scalars({"_type": "train", "loss": loss, "lr": self.lr}, self.global_step)
+
+
+def train(cfg):
+    """Trains per cfg (resuming if possible); returns the trained, unwrapped model."""
+    return Trainer(cfg).run()
+
+
+def test_checkpoint(cfg) -> str:
+    """TEST.CHECKPOINT_FILE_PATH, else the newest checkpoint in OUTPUT_DIR, else TRAIN.CHECKPOINT_FILE_PATH."""
+    path = cfg.TEST.CHECKPOINT_FILE_PATH or cu.last_checkpoint(cfg.OUTPUT_DIR) or cfg.TRAIN.CHECKPOINT_FILE_PATH
+    if not path:
+        raise ConfigError("nothing to test: TEST.CHECKPOINT_FILE_PATH is empty, OUTPUT_DIR "
+                          f"({cfg.OUTPUT_DIR}) has no checkpoint and TRAIN.CHECKPOINT_FILE_PATH is empty; "
+                          "refusing to evaluate random weights")
+    return path
+
+
+def test(cfg) -> dict:
+    """Evaluates the test checkpoint on TEST.SPLIT; logs and returns top-1/top-5 and per-image GMACs."""
+    model, device = prepare(cfg, "test")
+    path = test_checkpoint(cfg)
+    cu.load_weights(model, path, prefer_ema=cfg.MODEL_EMA.ENABLE and cfg.MODEL_EMA.EVAL)
+    model = wrap_ddp(model, device)
+    loader = construct_loader(cfg, cfg.TEST.SPLIT, du.get_rank(), du.get_world_size())
+    stats = evaluate(model, loader, device, amp_dtype(cfg, device), keep_predictions=bool(cfg.TEST.SAVE_RESULTS_PATH))
+    predictions = stats.pop("predictions", None)
+    stats.update(_type="test_final", checkpoint=path, split=cfg.TEST.SPLIT)
+    if du.is_master():
+        logger.info("test on %s (%d images): top1 %.2f%% top5 %.2f%%", cfg.TEST.SPLIT, stats["num_images"],
+                    stats["top1_acc"], stats["top5_acc"])
+        log_json_stats(stats)
+        if predictions is not None:
+            out = os.path.join(cfg.OUTPUT_DIR, cfg.TEST.SAVE_RESULTS_PATH)
+            with g_pathmgr.open(out, "wb") as f:
+                torch.save(predictions, f)
+            logger.info("predictions saved to %s", out)
+    return stats

@@ -1,0 +1,48 @@
+"""Multiply-accumulates per image: analytic, from the tokens each block actually saw, and by fvcore.
+
+The analytic count is what adaptive methods report per image (an image that keeps fewer tokens costs
+fewer MACs); fvcore traces the real graph and serves as its check. Both count one multiply-add as one
+"flop", the convention of fvcore and of the DeiT/ATS/EViT papers' GFLOPs.
+"""
+
+from typing import Any, List
+
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch import Tensor, nn
+
+
+def block_macs(n_attn: Tensor, n_mlp: Tensor, dim: int, mlp_hidden: int) -> Tensor:
+    """One block: qkv and proj on n_attn tokens, QK^T and AV over n_attn x n_attn, the MLP on n_mlp."""
+    n_attn, n_mlp = n_attn.double(), n_mlp.double()
+    return 4 * n_attn * dim * dim + 2 * n_attn * n_attn * dim + 2 * n_mlp * dim * mlp_hidden
+
+
+def vit_macs(model: nn.Module, token_counts: Tensor) -> Tensor:
+    """[B] MACs per image of a VisionTransformer from `token_counts` [B, depth, 2] (model.last_token_counts)."""
+    dim = model.embed_dim
+    mlp_hidden = model.blocks[0].mlp.fc1.out_features
+    proj = model.patch_embed.proj
+    num_patches = token_counts[:, 0, 0] - 1  # every patch enters the first block, plus CLS
+    patch_macs = num_patches.double() * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * dim
+    blocks = block_macs(token_counts[..., 0], token_counts[..., 1], dim, mlp_hidden).sum(dim=1)
+    head = dim * model.num_classes if model.num_classes > 0 else 0
+    return patch_macs + blocks + head
+
+
+def _sdpa_macs(inputs: List[Any], outputs: List[Any]) -> int:
+    # q [.., N, D], k [.., M, D], v [.., M, Dv]: QK^T costs N*M*D, AV costs N*M*Dv.
+    q, k, v = (i.type().sizes() for i in inputs[:3])
+    batch = 1
+    for s in q[:-2]:
+        batch *= s
+    return batch * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def fvcore_macs(model: nn.Module, images: Tensor) -> float:
+    """Total MACs fvcore traces for `images` (with fused attention counted), divided by the batch size."""
+    analysis = FlopCountAnalysis(model, images)
+    analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+    with torch.no_grad():
+        return analysis.total() / images.shape[0]

@@ -1,0 +1,163 @@
+"""The one backbone every method shares: a DeiT/timm Vision Transformer whose blocks pass a TokenBatch.
+
+State-dict keys are timm's and DeiT's (cls_token, pos_embed, patch_embed.proj.*, blocks.N.{norm1,
+attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.*, norm.*, head.*), so official checkpoints load as they
+are. With identical weights the logits equal timm's VisionTransformer.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from torch import Tensor, nn
+
+from .build import MODEL_REGISTRY
+from .tokens import TokenAdapter, TokenBatch
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor, key_mask: Optional[Tensor] = None, need_cls_attention: bool = False
+                ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """Returns (output [B,N,C], CLS attention row [B,H,N] or None, values [B,H,N,D] or None)."""
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
+                                             dropout_p=self.attn_drop if self.training else 0.0)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        if not need_cls_attention:
+            return out, None, None
+        # The fused kernel hides the attention matrix; the CLS row alone is one cheap [1 x N] product.
+        logits = (q[:, :, :1] @ k.transpose(-2, -1)).squeeze(2) * self.scale
+        if key_mask is not None:
+            logits = logits.masked_fill(~key_mask[:, :, 0], float("-inf"))
+        return out, logits.softmax(dim=-1), v
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # A method's hooks for this block (see TokenAdapter); None runs the plain block.
+        self.adapter: Optional[TokenAdapter] = None
+
+    def forward(self, tokens: TokenBatch) -> TokenBatch:
+        adapter = self.adapter
+        if adapter is not None:
+            tokens = adapter.before_block(tokens)
+        n_attn = tokens.num_live()
+        need_cls = adapter is not None and adapter.needs_cls_attention
+        out, cls_attention, values = self.attn(self.norm1(tokens.x), tokens.key_mask(), need_cls)
+        tokens = tokens.add_residual(self.drop_path1(out))
+        if adapter is not None:
+            tokens = adapter.after_attention(tokens, cls_attention, values)
+        tokens.token_counts.append(torch.stack([n_attn, tokens.num_live()], dim=1))
+        tokens = tokens.add_residual(self.drop_path2(self.mlp(self.norm2(tokens.x))))
+        if adapter is not None:
+            tokens = adapter.after_block(tokens)
+        return tokens
+
+
+@MODEL_REGISTRY.register()
+class VisionTransformer(nn.Module):
+    """DeiT / timm ViT with a CLS token and absolute positional embeddings."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, head_drop_rate: float = 0.0):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rates[i]) for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(head_drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    @classmethod
+    def from_config(cls, cfg) -> "VisionTransformer":
+        return cls(**vit_kwargs(cfg))
+
+    def init_weights(self) -> None:
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        self.apply(_init_linear_and_norm)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            _init_linear_and_norm(self.head)
+
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token"}
+
+    @property
+    def patch_grid(self) -> Tuple[int, int]:
+        return self.patch_embed.grid_size
+
+    def embed(self, images: Tensor) -> TokenBatch:
+        x = self.patch_embed(images)
+        grid = (images.shape[-2] // self.patch_embed.patch_size[0], images.shape[-1] // self.patch_embed.patch_size[1])
+        pos = self.pos_embed
+        if grid != tuple(self.patch_grid):
+            pos = resample_abs_pos_embed(pos, list(grid), list(self.patch_grid), num_prefix_tokens=1)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
+        return TokenBatch.dense(self.pos_drop(x))
+
+    def forward_features(self, images: Tensor) -> TokenBatch:
+        tokens = self.embed(images)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return tokens.replace(x=self.norm(tokens.x))
+
+    def forward_head(self, tokens: TokenBatch) -> Tensor:
+        return self.head(self.head_drop(tokens.x[:, 0]))
+
+    def forward(self, images: Tensor) -> Tensor:
+        tokens = self.forward_features(images)
+        # Live tokens per image at every block: [B, depth, 2] (attention, MLP), read by FLOP counting and logs.
+        self.last_token_counts = tokens.counts_per_block().detach()
+        return self.forward_head(tokens)
+
+
+def _init_linear_and_norm(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def vit_kwargs(cfg) -> dict:
+    """Constructor arguments of the backbone from the VIT, MODEL and DATA nodes."""
+    v = cfg.VIT
+    return dict(img_size=cfg.DATA.TRAIN_CROP_SIZE, patch_size=v.PATCH_SIZE, in_chans=v.IN_CHANS,
+                num_classes=cfg.MODEL.NUM_CLASSES, embed_dim=v.EMBED_DIM, depth=v.DEPTH, num_heads=v.NUM_HEADS,
+                mlp_ratio=v.MLP_RATIO, qkv_bias=v.QKV_BIAS, drop_rate=v.DROP_RATE, attn_drop_rate=v.ATTN_DROP_RATE,
+                drop_path_rate=v.DROP_PATH_RATE, head_drop_rate=v.HEAD_DROP_RATE)
