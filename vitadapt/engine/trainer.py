@@ -176,7 +176,7 @@ class Trainer:
         best_top1 = None
         for epoch in range(self.start_epoch, max_epoch):
             self.train_loader.sampler.set_epoch(epoch)
-            train_stats = self.train_one_epoch(epoch)
+            self.train_one_epoch(epoch)
             last = epoch + 1 == max_epoch
             if (epoch + 1) % cfg.TRAIN.EVAL_PERIOD == 0 or last:
                 val_stats = self.validate(epoch)

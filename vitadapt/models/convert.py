@@ -10,7 +10,6 @@ caller asked to re-initialise.
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Tuple
 
-import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 

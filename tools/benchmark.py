@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Inference cost of one model, or of two side by side in the same run.
+
+    python tools/benchmark.py --cfg A.yaml [--compare B.yaml] [--data] [--out FILE.json] [KEY VALUE ...]
+
+For every batch size in BENCHMARK.BATCH_SIZES: images/s (median over BENCHMARK.NUM_REPEATS timed repeats
+of BENCHMARK.ITERS_PER_REPEAT forward passes, after BENCHMARK.WARMUP_ITERS warm-up passes; the models are
+interleaved repeat by repeat so that both see the same machine load), and the peak memory one forward
+pass adds. Per model: parameters, GMACs per image counted analytically from the tokens each image kept
+(mean over the inputs) and by fvcore on the first image. KEY VALUE overrides apply to both configs.
+Weights come from TEST.CHECKPOINT_FILE_PATH when set; inputs are random unless --data takes them from
+the config's TEST.SPLIT.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from vitadapt.config import ConfigError, load_config  # noqa: E402
+from vitadapt.datasets import DataError, build_dataset  # noqa: E402
+from vitadapt.engine.trainer import amp_dtype, select_device  # noqa: E402
+from vitadapt.models import build_model  # noqa: E402
+from vitadapt.models.convert import CheckpointMismatchError  # noqa: E402
+from vitadapt.models.flops import fvcore_macs, vit_macs  # noqa: E402
+from vitadapt.utils.checkpoint import CheckpointError, load_weights  # noqa: E402
+
+
+def parse(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cfg", required=True, help="YAML config of the model to measure")
+    parser.add_argument("--compare", default="", help="a second config, measured side by side")
+    parser.add_argument("--data", action="store_true", help="use images of the config's TEST.SPLIT, not noise")
+    parser.add_argument("--out", default="", help="JSON output (default: OUTPUT_DIR of --cfg / benchmark.json)")
+    args, opts = parser.parse_known_args(argv)
+    return args, opts
+
+
+def cpu_peak_mib(fn) -> float:
+    """Peak bytes held by tensors allocated while `fn` runs, from the profiler's allocation events."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak / 2**20
+
+
+def make_inputs(cfg, batch: int, use_data: bool) -> torch.Tensor:
+    size = cfg.DATA.TEST_CROP_SIZE
+    if not use_data:
+        return torch.randn(batch, cfg.VIT.IN_CHANS, size, size, generator=torch.Generator().manual_seed(0))
+    dataset = build_dataset(cfg.TEST.DATASET, cfg, cfg.TEST.SPLIT)
+    items = [dataset[i % len(dataset)] for i in range(batch)]
+    return torch.stack([it[0] for it in items if it is not None])
+
+
+class Subject:
+    """One model under test, with its inputs per batch size."""
+
+    def __init__(self, cfg_file: str, opts, use_data: bool):
+        self.name = cfg_file
+        self.cfg = load_config(cfg_file, opts)
+        self.device = select_device(self.cfg)
+        self.dtype = amp_dtype(self.cfg, self.device)
+        self.model = build_model(self.cfg).to(self.device).eval()
+        if self.cfg.TEST.CHECKPOINT_FILE_PATH:
+            load_weights(self.model, self.cfg.TEST.CHECKPOINT_FILE_PATH)
+        self.params = sum(p.numel() for p in self.model.parameters())
+        largest = make_inputs(self.cfg, max(self.cfg.BENCHMARK.BATCH_SIZES), use_data)
+        self.inputs = {b: largest[:b].to(self.device) for b in self.cfg.BENCHMARK.BATCH_SIZES}
+        self.results = {}
+
+    @torch.inference_mode()
+    def forward(self, batch: int):
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            return self.model(self.inputs[batch])
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(self, batch: int, iters: int) -> float:
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(iters):
+            self.forward(batch)
+        self.sync()
+        return time.perf_counter() - start
+
+    def memory_mib(self, batch: int):
+        """Peak memory one forward pass allocates on top of the weights and inputs."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            self.forward(batch)
+            self.sync()
+            return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return cpu_peak_mib(lambda: self.forward(batch))
+
+    @torch.inference_mode()
+    def gmacs(self):
+        largest = max(self.inputs)
+        self.forward(largest)
+        per_image = vit_macs(self.model, self.model.last_token_counts) / 1e9
+        first = self.inputs[largest][:1]
+        with torch.autocast(self.device.type, enabled=False):
+            fv = fvcore_macs(self.model, first.float()) / 1e9
+            self.model(first.float())
+            first_analytic = vit_macs(self.model, self.model.last_token_counts)[0].item() / 1e9
+        return {"gmacs_mean": per_image.mean().item(), "gmacs_min": per_image.min().item(),
+                "gmacs_max": per_image.max().item(), "gmacs_first_image": first_analytic,
+                "gmacs_fvcore_first_image": fv}
+
+
+def run(argv=None) -> dict:
+    args, opts = parse(argv)
+    subjects = [Subject(args.cfg, opts, args.data)]
+    if args.compare:
+        subjects.append(Subject(args.compare, opts, args.data))
+    bench = subjects[0].cfg.BENCHMARK
+    if bench.NUM_THREADS > 0:
+        torch.set_num_threads(bench.NUM_THREADS)
+    report = {"device": str(subjects[0].device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "cpu": platform.processor() or platform.machine(), "warmup_iters": bench.WARMUP_ITERS,
+              "repeats": bench.NUM_REPEATS, "iters_per_repeat": bench.ITERS_PER_REPEAT, "models": []}
+    for s in subjects:
+        s.costs = s.gmacs()
+    for batch in bench.BATCH_SIZES:
+        for s in subjects:
+            s.timed(batch, bench.WARMUP_ITERS)
+        samples = {id(s): [] for s in subjects}
+        for _ in range(bench.NUM_REPEATS):  # interleaved: A, B, A, B, ...
+            for s in subjects:
+                samples[id(s)].append(batch * bench.ITERS_PER_REPEAT / s.timed(batch, bench.ITERS_PER_REPEAT))
+        for s in subjects:
+            rates = samples[id(s)]
+            s.results[batch] = {"batch": batch, "images_per_s": statistics.median(rates),
+                                "images_per_s_min": min(rates), "images_per_s_max": max(rates),
+                                "peak_mem_mib": s.memory_mib(batch)}
+    for s in subjects:
+        report["models"].append({"cfg": s.name, "model": s.cfg.MODEL.NAME, "params_m": s.params / 1e6,
+                                 **s.costs, "results": list(s.results.values())})
+    if len(subjects) == 2:
+        a, b = subjects
+        report["compare"] = {"gmacs_ratio": a.costs["gmacs_mean"] / b.costs["gmacs_mean"],
+                             "speedup": {str(k): b.results[k]["images_per_s"] / a.results[k]["images_per_s"]
+                                         for k in bench.BATCH_SIZES}}
+    print_table(report)
+    out = args.out or os.path.join(subjects[0].cfg.OUTPUT_DIR, "benchmark.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"written to {out}")
+    return report
+
+
+def print_table(report: dict) -> None:
+    print(f"device {report['device']}, {report['threads']} threads, torch {report['torch']}, "
+          f"median of {report['repeats']} x {report['iters_per_repeat']} iterations after {report['warmup_iters']} warm-up")
+    print(f"{'config':<44} {'params(M)':>9} {'GMACs':>7} {'fvcore':>7} {'batch':>5} {'img/s':>9} {'peak MiB':>9}")
+    for m in report["models"]:
+        for r in m["results"]:
+            mem = f"{r['peak_mem_mib']:.1f}"
+            print(f"{m['cfg'][-44:]:<44} {m['params_m']:>9.2f} {m['gmacs_mean']:>7.3f} "
+                  f"{m['gmacs_fvcore_first_image']:>7.3f} {r['batch']:>5} {r['images_per_s']:>9.1f} {mem:>9}")
+    if "compare" in report:
+        c = report["compare"]
+        speed = ", ".join(f"batch {k}: {v:.2f}x" for k, v in c["speedup"].items())
+        print(f"GMACs per image, first / second: {c['gmacs_ratio']:.2f}x; throughput, second / first: {speed}")
+
+
+def main(argv=None) -> int:
+    try:
+        run(argv)
+    except (ConfigError, CheckpointError, CheckpointMismatchError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
