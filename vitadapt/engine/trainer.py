@@ -95,9 +95,12 @@ def prepare(cfg, job: str):
         with g_pathmgr.open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
             f.write(cfg.dump())
         logger.info("%s job, %d process(es), output in %s", job, du.get_world_size(), cfg.OUTPUT_DIR)
-    seed_everything(cfg.RNG_SEED + rank)
     device = select_device(cfg)
+    # Same initial weights on every rank (so DDP and each rank's EMA copy start equal), then per-rank streams
+    # for augmentation and dropout.
+    seed_everything(cfg.RNG_SEED)
     model = build_model(cfg).to(device)
+    seed_everything(cfg.RNG_SEED + rank)
     if cfg.LOG_MODEL_INFO and rank == 0:
         log_model_info(model, cfg, device)
     return model, device

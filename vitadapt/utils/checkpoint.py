@@ -93,7 +93,7 @@ def save_checkpoint(output_dir: str, epoch: int, model, optimizer, scaler=None, 
     tmp = path + ".tmp"
     with g_pathmgr.open(tmp, "wb") as f:
         torch.save(state, f)
-    g_pathmgr.mv(tmp, path)
+    os.replace(tmp, path)  # atomic, and replaces a file of the same epoch (iopath's mv refuses to)
     if keep_last_k > 0:
         for _, old in list_checkpoints(output_dir)[:-keep_last_k]:
             g_pathmgr.rm(old)

@@ -23,11 +23,15 @@ def setup_logging(output_dir: str = "", rank: int = 0) -> None:
     for handler in list(root.handlers):
         if getattr(handler, "_vitadapt", False):
             root.removeHandler(handler)
+            if getattr(handler, "_owns_stream", False):
+                handler.stream.close()
     root.setLevel(logging.INFO)
     handlers = [logging.StreamHandler(sys.stdout)]
     if rank == 0 and output_dir:
         g_pathmgr.mkdirs(output_dir)
-        handlers.append(logging.StreamHandler(g_pathmgr.open(os.path.join(output_dir, "stdout.log"), "a")))
+        log_file = logging.StreamHandler(g_pathmgr.open(os.path.join(output_dir, "stdout.log"), "a"))
+        log_file._owns_stream = True
+        handlers.append(log_file)
         _json_log_path = os.path.join(output_dir, "json_stats.log")
     else:
         _json_log_path = None
