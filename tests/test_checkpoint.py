@@ -105,7 +105,7 @@ def test_checkpoint_contents(tmp_path):
     model, optimizer = trained()
     cfg = tiny_cfg()
     state = load_file(save_checkpoint(out, 2, model, optimizer, cfg=cfg))
-    assert {"epoch", "model_state", "optimizer_state", "rng_state", "cfg"} <= set(state)
+    assert {"epoch", "model_state", "optimizer_state", "rng_states", "cfg"} <= set(state)
     assert state["epoch"] == 2 and state["cfg"] == cfg.dump()
     assert_state_equal(state["model_state"], clone_state(model))
 

@@ -5,7 +5,6 @@ takes well under a second after the imports.
 """
 
 import argparse
-import copy
 import logging
 import shutil
 from pathlib import Path
@@ -38,7 +37,7 @@ def test_train_then_test_returns_zero_and_writes_outputs(trained_run):
     assert not list((out / "checkpoints").glob("*.tmp"))
     ck = h.load_ckpt(h.ckpt_path(out, 2))
     assert ck["epoch"] == 2
-    assert {"model_state", "optimizer_state", "rng_state", "cfg"} <= set(ck)
+    assert {"model_state", "optimizer_state", "rng_states", "cfg"} <= set(ck)
 
 
 def test_saved_config_reloads_to_the_same_values(trained_run):
@@ -314,6 +313,21 @@ def test_resume_is_bit_identical_to_uninterrupted_run(image_folder, tmp_path, wo
     loss_b = {r["epoch"]: r["loss"] for r in h.records(tmp_path / "b", "train_epoch")}
     assert loss_b[3] == loss_a[3] and loss_b[4] == loss_a[4]
     assert "resumed from" in (tmp_path / "b" / "stdout.log").read_text()
+
+
+def test_resume_comparison_depends_on_rng_restoration(image_folder, tmp_path, monkeypatch):
+    """Control for the test above: with the RNG restoration switched off, the resumed run does differ, so
+    augmentation / mixup / drop path really draw from the restored streams."""
+    cfg_a = load_config("", _resume_opts(image_folder, tmp_path / "a", 0))
+    state_a = train(cfg_a).state_dict()
+    cfg_b = load_config("", _resume_opts(image_folder, tmp_path / "b", 0))
+    trainer = Trainer(cfg_b)
+    trainer.hooks.append(h.stop_at(2.5))
+    with pytest.raises(h.Interrupt):
+        trainer.run()
+    monkeypatch.setattr(cu, "set_rng_state", lambda state: None)
+    state_b = Trainer(cfg_b).run().state_dict()
+    assert any(not torch.equal(state_a[k], state_b[k]) for k in state_a)
 
 
 def test_resume_from_finished_run_does_not_retrain(image_folder, tmp_path, run_net):

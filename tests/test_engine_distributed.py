@@ -128,6 +128,17 @@ def test_distributed_resume_is_bit_identical_to_uninterrupted_run(dist_run):
         assert not different, f"rank {rank}: the resumed run differs from the uninterrupted one in {different}"
 
 
+def test_error_in_spawned_workers_is_reported_like_in_one_process(image_folder, tmp_path, run_net, capsys):
+    """The ConfigError of a test-only run without any checkpoint, raised inside both spawned workers."""
+    out = tmp_path / "out"
+    try:
+        rc = run_net(["--cfg", ""] + h.tiny_opts(image_folder, out, NUM_PROCS=2, TRAIN__ENABLE=False))
+    except Exception as e:  # noqa: BLE001  (a worker's error must not escape main())
+        pytest.fail(f"run_net.main raised {type(e).__name__} instead of returning an error code: {str(e)[-300:]}")
+    assert rc != 0
+    assert "random weights" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- torchrun-style env:// rendezvous
 def test_torchrun_style_env_rendezvous(tmp_path, image_folder):
     """What `torchrun --nproc_per_node 2 tools/run_net.py ...` does: RANK/WORLD_SIZE/LOCAL_RANK and

@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vitadapt.config import ConfigError, load_config, parse_args  # noqa: E402
 from vitadapt.datasets import DataError  # noqa: E402
-from vitadapt.engine import TrainingDiverged, launch_job, test, train  # noqa: E402
+from vitadapt.engine import TrainingDiverged, WorkerError, launch_job, test, train  # noqa: E402
 from vitadapt.models.convert import CheckpointMismatchError  # noqa: E402
 from vitadapt.utils.checkpoint import CheckpointError  # noqa: E402
 
@@ -24,7 +24,8 @@ def main(argv=None) -> int:
             launch_job(cfg, train, args.init_method)
         if cfg.TEST.ENABLE:
             launch_job(cfg, test, args.init_method)
-    except (ConfigError, CheckpointError, CheckpointMismatchError, DataError, TrainingDiverged) as e:
+    except (ConfigError, CheckpointError, CheckpointMismatchError, DataError, TrainingDiverged,
+            WorkerError) as e:
         logging.getLogger("vitadapt").error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2

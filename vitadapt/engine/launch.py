@@ -16,6 +16,10 @@ from vitadapt.config import ConfigError, world_size
 from vitadapt.utils import distributed as du
 
 
+class WorkerError(RuntimeError):
+    """A spawned worker failed; the message is the worker's own error line."""
+
+
 def backend(cfg) -> str:
     if cfg.DIST_BACKEND != "auto":
         return cfg.DIST_BACKEND
@@ -61,5 +65,10 @@ def launch_job(cfg, func, init_method: str = ""):
         if cfg.NUM_SHARDS > 1:
             raise ConfigError("NUM_SHARDS > 1 needs --init_method tcp://<address of shard 0>:<port> on every machine")
         init_method = f"tcp://127.0.0.1:{du.free_port()}"
-    mp.spawn(_spawned, nprocs=procs, args=(procs, func, cfg, init_method), join=True)
+    try:
+        mp.spawn(_spawned, nprocs=procs, args=(procs, func, cfg, init_method), join=True)
+    except mp.ProcessRaisedException as e:
+        # The worker's traceback was printed already; keep its last line ("module.Error: message").
+        lines = [line for line in str(e).strip().splitlines() if line.strip()]
+        raise WorkerError(f"a worker process failed: {lines[-1] if lines else e}") from None
     return None

@@ -158,7 +158,7 @@ class Trainer:
         cfg = self.cfg
         last = cu.last_checkpoint(cfg.OUTPUT_DIR) if cfg.TRAIN.AUTO_RESUME else None
         if last:
-            epoch = cu.resume(last, model, self.optimizer, self.scaler, self.ema)
+            epoch = cu.resume(last, model, self.optimizer, self.scaler, self.ema, du.get_rank(), du.get_world_size())
             logger.info("resumed from %s: %d epoch(s) done", last, epoch)
             return epoch
         if cfg.TRAIN.CHECKPOINT_FILE_PATH:
@@ -185,10 +185,12 @@ class Trainer:
                 val_stats = self.validate(epoch)
                 best_top1 = max(best_top1 or 0.0, val_stats["top1_acc"])
             # Saved after evaluation: the RNG state stored is the one the next epoch starts from.
-            if ((epoch + 1) % cfg.TRAIN.CHECKPOINT_PERIOD == 0 or last) and du.is_master():
-                path = cu.save_checkpoint(cfg.OUTPUT_DIR, epoch + 1, self.model, self.optimizer, self.scaler,
-                                          self.ema, cfg, cfg.TRAIN.KEEP_LAST_K)
-                logger.info("saved %s", path)
+            if (epoch + 1) % cfg.TRAIN.CHECKPOINT_PERIOD == 0 or last:
+                rng_states = du.all_gather_objects(cu.rng_state())  # every rank's stream, for an exact resume
+                if du.is_master():
+                    path = cu.save_checkpoint(cfg.OUTPUT_DIR, epoch + 1, self.model, self.optimizer, self.scaler,
+                                              self.ema, cfg, cfg.TRAIN.KEEP_LAST_K, rng_states)
+                    logger.info("saved %s", path)
             du.barrier()
         if self.start_epoch >= max_epoch:
             logger.info("training already finished (%d epochs)", max_epoch)

@@ -62,30 +62,37 @@ def load_file(path: str) -> dict:
 
 
 def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
+    """Every RNG state as plain bytes and numbers (safe for weights_only loading and for object collectives)."""
+    name, keys, *rest = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state().numpy().tobytes(),
+             "numpy": (name, keys.astype(np.uint32).tobytes(), *rest)}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
     return state
+
+
+def _byte_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy(), *rest))
+    np.random.set_state((name, np.frombuffer(keys, dtype=np.uint32).copy(), *rest))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state["cuda"]])
 
 
 def save_checkpoint(output_dir: str, epoch: int, model, optimizer, scaler=None, ema=None, cfg=None,
-                    keep_last_k: int = 0) -> str:
-    """Writes checkpoint_epoch_{epoch:05d}.pyth through a temporary file, so a crash never leaves half a file."""
+                    keep_last_k: int = 0, rng_states: Optional[list] = None) -> str:
+    """Writes checkpoint_epoch_{epoch:05d}.pyth through a temporary file, so a crash never leaves half a file.
+
+    `rng_states` holds every rank's RNG state, in rank order (default: this process's only)."""
     path = checkpoint_path(output_dir, epoch)
     g_pathmgr.mkdirs(os.path.dirname(path))
     state = {"epoch": epoch, "model_state": unwrap(model).state_dict(), "optimizer_state": optimizer.state_dict(),
-             "rng_state": rng_state(), "cfg": cfg.dump() if cfg is not None else ""}
+             "rng_states": rng_states or [rng_state()], "cfg": cfg.dump() if cfg is not None else ""}
     if scaler is not None:
         state["scaler_state"] = scaler.state_dict()
     if ema is not None:
@@ -100,8 +107,11 @@ def save_checkpoint(output_dir: str, epoch: int, model, optimizer, scaler=None, 
     return path
 
 
-def resume(path: str, model, optimizer, scaler=None, ema=None) -> int:
-    """Restores a vitadapt training checkpoint completely; returns the number of epochs it had finished."""
+def resume(path: str, model, optimizer, scaler=None, ema=None, rank: int = 0, world: int = 1) -> int:
+    """Restores a vitadapt training checkpoint completely; returns the number of epochs it had finished.
+
+    Each rank continues its own RNG stream; a run resumed with another number of processes cannot, and
+    says so (its weights are still restored exactly)."""
     state = load_file(path)
     if "optimizer_state" not in state or "epoch" not in state:
         raise CheckpointError(f"{path} is not a vitadapt training checkpoint (no optimizer state / epoch)")
@@ -113,7 +123,12 @@ def resume(path: str, model, optimizer, scaler=None, ema=None) -> int:
         if "ema_state" not in state:
             raise CheckpointError(f"{path} has no EMA weights but MODEL_EMA.ENABLE is on")
         ema.module.load_state_dict(state["ema_state"])
-    set_rng_state(state["rng_state"])
+    states = state["rng_states"]
+    if len(states) == world:
+        set_rng_state(states[rank])
+    else:
+        logger.warning("%s was written by %d process(es), this run has %d: RNG streams restart from the seed, so "
+                       "the run will not repeat an uninterrupted one exactly", path, len(states), world)
     return int(state["epoch"])
 
 
