@@ -148,6 +148,8 @@ def validate(cfg: CfgNode) -> None:
     _require(cfg.MODEL.NUM_CLASSES >= 1, f"MODEL.NUM_CLASSES must be >= 1, got {cfg.MODEL.NUM_CLASSES}")
 
     v = cfg.VIT
+    _require(v.TOKEN_EXECUTION in ("packed", "masked"),
+             f"VIT.TOKEN_EXECUTION must be packed or masked, got '{v.TOKEN_EXECUTION}'")
     _require(v.EMBED_DIM % v.NUM_HEADS == 0,
              f"VIT.EMBED_DIM ({v.EMBED_DIM}) must be divisible by VIT.NUM_HEADS ({v.NUM_HEADS})")
     for key in ("TRAIN_CROP_SIZE", "TEST_CROP_SIZE"):

@@ -51,6 +51,9 @@ _C.VIT.ATTN_DROP_RATE = 0.0
 _C.VIT.DROP_PATH_RATE = 0.0
 # Dropout before the classifier.
 _C.VIT.HEAD_DROP_RATE = 0.0
+# How per-image token selections run: "packed" (per-token layers only on the kept tokens; attention per image)
+# or "masked" (dense tensors, dropped tokens masked as keys and frozen). Both give the same results.
+_C.VIT.TOKEN_EXECUTION = "packed"
 
 # ---------------------------------------------------------------- training
 _C.TRAIN = CfgNode()

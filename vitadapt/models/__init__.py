@@ -1,5 +1,6 @@
 from .build import MODEL_REGISTRY, build_model
 from .tokens import TokenAdapter, TokenBatch
 from .vit import VisionTransformer
+from .ats import ATSVisionTransformer  # noqa: E402  (registers the model and the ATS config node)
 
-__all__ = ["MODEL_REGISTRY", "build_model", "TokenAdapter", "TokenBatch", "VisionTransformer"]
+__all__ = ["MODEL_REGISTRY", "build_model", "TokenAdapter", "TokenBatch", "VisionTransformer", "ATSVisionTransformer"]

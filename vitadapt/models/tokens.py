@@ -13,40 +13,88 @@ from torch import Tensor, nn
 
 @dataclass
 class TokenBatch:
-    """Tokens of a batch of images.
+    """Tokens of a batch of images, in one of three layouts.
 
-    x:    [B, N, C] features, CLS first.
-    ids:  [B, N] original position of each token (0 is CLS, 1 + k is patch k), so that a method can map
-          kept tokens back onto the image.
-    keep: [B, N] bool, or None when every token is live. Masked execution: a dropped token stays in the
-          tensor, is no attention key, and receives no residual update, exactly as the official masked
-          implementations compute.
+    dense:  x [B, N, C], every token live (keep is None, lengths is None).
+    masked: x [B, N, C] and keep [B, N] bool. A dropped token stays in the tensor, is no attention key and
+            receives no residual update, exactly as the official masked implementations compute.
+    packed: x [T, C], the live tokens of all images one after the other (CLS first in each), lengths [B].
+            Per-token layers (norms, qkv, proj, MLP) run on live tokens only; attention pads each image to
+            the longest one (`padded` / `unpadded`) and masks the padding as keys.
+    ids: original position of each token (0 is CLS, 1 + k is patch k), [B, N] or [T] like x.
     token_counts: one [B, 2] long tensor per block already run: the live tokens each image had at that
           block's attention and at its MLP. FLOP counting and the kept-token statistics read it.
+    num_initial: tokens per image right after the patch embedding (CLS included).
+    execution: "packed" or "masked": what `select` turns a token selection into.
     """
 
     x: Tensor
     ids: Tensor
     keep: Optional[Tensor] = None
     token_counts: List[Tensor] = field(default_factory=list)
+    lengths: Optional[Tensor] = None
+    num_initial: int = 0
+    execution: str = "packed"
+    # Packed layout: row of each live token in a [B * width] padded tensor, and width = max(lengths).
+    flat_index: Optional[Tensor] = field(default=None, repr=False)
+    width: int = 0
 
     @classmethod
-    def dense(cls, x: Tensor) -> "TokenBatch":
+    def dense(cls, x: Tensor, execution: str = "packed") -> "TokenBatch":
         b, n, _ = x.shape
-        return cls(x=x, ids=torch.arange(n, device=x.device).expand(b, n))
+        return cls(x=x, ids=torch.arange(n, device=x.device).expand(b, n), num_initial=n, execution=execution)
 
     def replace(self, **changes) -> "TokenBatch":
         return replace(self, **changes)
 
+    @property
+    def is_packed(self) -> bool:
+        return self.lengths is not None
+
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.numel() if self.is_packed else self.x.shape[0]
+
     def num_live(self) -> Tensor:
         """[B] live tokens per image, CLS included."""
+        if self.is_packed:
+            return self.lengths
         if self.keep is None:
             return torch.full(self.x.shape[:1], self.x.shape[1], dtype=torch.long, device=self.x.device)
         return self.keep.sum(dim=1)
 
+    def live_mask(self) -> Tensor:
+        """[B, N] bool in the padded layout (for packed tokens: position < length)."""
+        if self.is_packed:
+            return torch.arange(self.width, device=self.x.device) < self.lengths[:, None]
+        if self.keep is None:
+            return torch.ones(self.x.shape[:2], dtype=torch.bool, device=self.x.device)
+        return self.keep
+
     def key_mask(self) -> Optional[Tensor]:
         """Boolean SDPA mask [B, 1, 1, N] (True: attend), or None when every token is live."""
+        if self.is_packed:
+            return None if bool((self.lengths == self.width).all()) else self.live_mask()[:, None, None, :]
         return None if self.keep is None else self.keep[:, None, None, :]
+
+    def padded(self, t: Tensor) -> Tensor:
+        """A per-token tensor ([T, D] or [T]) in the padded [B, N, D] layout, zeros in the padding."""
+        if not self.is_packed:
+            return t
+        out = t.new_zeros((self.batch_size * self.width,) + t.shape[1:]).index_copy(0, self.flat_index, t)
+        return out.view((self.batch_size, self.width) + t.shape[1:])
+
+    def unpadded(self, t: Tensor) -> Tensor:
+        """Inverse of `padded`: [B, N, D] -> [T, D] (identity for dense and masked tokens)."""
+        if not self.is_packed:
+            return t
+        return t.reshape((self.batch_size * self.width,) + t.shape[2:]).index_select(0, self.flat_index)
+
+    def cls_tokens(self) -> Tensor:
+        """[B, C] the CLS token of every image."""
+        if self.is_packed:
+            return self.x.index_select(0, self.lengths.cumsum(0) - self.lengths)
+        return self.x[:, 0]
 
     def add_residual(self, delta: Tensor) -> "TokenBatch":
         """x + delta, with no update for dropped tokens."""
@@ -55,7 +103,7 @@ class TokenBatch:
         return self.replace(x=self.x + delta)
 
     def gather(self, index: Tensor) -> "TokenBatch":
-        """Keeps the tokens at `index` [B, M] (positions in the current sequence), in that order."""
+        """Keeps the tokens at `index` [B, M] (positions in the current sequence), in that order (dense/masked)."""
         x = self.x.gather(1, index.unsqueeze(-1).expand(-1, -1, self.x.shape[-1]))
         keep = None if self.keep is None else self.keep.gather(1, index)
         return self.replace(x=x, ids=self.ids.gather(1, index), keep=keep)
@@ -65,6 +113,24 @@ class TokenBatch:
         if keep is not None and self.keep is not None:
             keep = keep & self.keep
         return self.replace(keep=keep)
+
+    def select(self, index: Tensor, valid: Tensor) -> "TokenBatch":
+        """Keeps, per image, the tokens at padded positions index[b, :] where valid[b, :], in that order.
+
+        A different number of tokens per image: packed execution moves the kept tokens together (later
+        blocks compute on them only); masked execution marks the others dropped and moves nothing.
+        """
+        if self.execution == "masked" and not self.is_packed:
+            keep = torch.zeros_like(self.live_mask()).scatter(1, index, valid)
+            return self.with_keep(keep & self.live_mask())
+        x, ids = self.padded(self.x), self.padded(self.ids)
+        x = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))[valid]
+        ids = ids.gather(1, index)[valid]
+        lengths = valid.sum(dim=1)
+        width = int(lengths.max())
+        slots = torch.arange(width, device=x.device)
+        flat_index = (torch.arange(lengths.numel(), device=x.device)[:, None] * width + slots)[slots < lengths[:, None]]
+        return self.replace(x=x, ids=ids, keep=None, lengths=lengths, flat_index=flat_index, width=width)
 
     def counts_per_block(self) -> Tensor:
         """[B, depth, 2] live tokens at each block's attention and MLP."""

@@ -27,14 +27,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, key_mask: Optional[Tensor] = None, need_cls_attention: bool = False
+    def forward(self, x: Tensor, tokens: TokenBatch, need_cls_attention: bool = False
                 ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-        """Returns (output [B,N,C], CLS attention row [B,H,N] or None, values [B,H,N,D] or None)."""
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        """x: the normed tokens, laid out like tokens.x. Returns (output like x, CLS attention row [B,H,N] or
+        None, values [B,H,N,D] or None), the last two in the padded layout."""
+        qkv = tokens.padded(self.qkv(x))  # packed tokens: per-token work stays [T, C], attention is per image
+        b, n, c3 = qkv.shape
+        c = c3 // 3
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        key_mask = tokens.key_mask()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
                                              dropout_p=self.attn_drop if self.training else 0.0)
-        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        out = self.proj_drop(self.proj(tokens.unpadded(out.transpose(1, 2).reshape(b, n, c))))
         if not need_cls_attention:
             return out, None, None
         # The fused kernel hides the attention matrix; the CLS row alone is one cheap [1 x N] product.
@@ -63,7 +67,7 @@ class Block(nn.Module):
             tokens = adapter.before_block(tokens)
         n_attn = tokens.num_live()
         need_cls = adapter is not None and adapter.needs_cls_attention
-        out, cls_attention, values = self.attn(self.norm1(tokens.x), tokens.key_mask(), need_cls)
+        out, cls_attention, values = self.attn(self.norm1(tokens.x), tokens, need_cls)
         tokens = tokens.add_residual(self.drop_path1(out))
         if adapter is not None:
             tokens = adapter.after_attention(tokens, cls_attention, values)
@@ -81,8 +85,10 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, head_drop_rate: float = 0.0):
+                 drop_path_rate: float = 0.0, head_drop_rate: float = 0.0, token_execution: str = "packed"):
         super().__init__()
+        # How a method's per-image token selection runs: "packed" (real removal) or "masked" (dense + mask).
+        self.token_execution = token_execution
         self.num_classes = num_classes
         self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
@@ -126,7 +132,7 @@ class VisionTransformer(nn.Module):
         if grid != tuple(self.patch_grid):
             pos = resample_abs_pos_embed(pos, list(grid), list(self.patch_grid), num_prefix_tokens=1)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
-        return TokenBatch.dense(self.pos_drop(x))
+        return TokenBatch.dense(self.pos_drop(x), self.token_execution)
 
     def forward_features(self, images: Tensor) -> TokenBatch:
         tokens = self.embed(images)
@@ -135,7 +141,7 @@ class VisionTransformer(nn.Module):
         return tokens.replace(x=self.norm(tokens.x))
 
     def forward_head(self, tokens: TokenBatch) -> Tensor:
-        return self.head(self.head_drop(tokens.x[:, 0]))
+        return self.head(self.head_drop(tokens.cls_tokens()))
 
     def forward(self, images: Tensor) -> Tensor:
         tokens = self.forward_features(images)
@@ -160,4 +166,4 @@ def vit_kwargs(cfg) -> dict:
     return dict(img_size=cfg.DATA.TRAIN_CROP_SIZE, patch_size=v.PATCH_SIZE, in_chans=v.IN_CHANS,
                 num_classes=cfg.MODEL.NUM_CLASSES, embed_dim=v.EMBED_DIM, depth=v.DEPTH, num_heads=v.NUM_HEADS,
                 mlp_ratio=v.MLP_RATIO, qkv_bias=v.QKV_BIAS, drop_rate=v.DROP_RATE, attn_drop_rate=v.ATTN_DROP_RATE,
-                drop_path_rate=v.DROP_PATH_RATE, head_drop_rate=v.HEAD_DROP_RATE)
+                drop_path_rate=v.DROP_PATH_RATE, head_drop_rate=v.HEAD_DROP_RATE, token_execution=v.TOKEN_EXECUTION)

@@ -1,0 +1,214 @@
+"""ATS, Adaptive Token Sampling (Fayyaz et al., ECCV 2022), as a TokenAdapter on the shared backbone.
+
+After a block's attention, every patch token j gets the significance score
+    s_j = (sum over heads of the CLS attention to j) * ||v_j||   (v concatenated over heads), normalised;
+the scores are sorted ascending, their cumulative sum min-max normalised to a CDF on [0, 1], and M evenly
+spaced values y_0..y_{M-1} on [min non-zero CDF, 1] each pick the token whose CDF is nearest (first on
+ties). A token picked several times is kept once; CLS is always kept. Kept tokens leave the block in the
+official order: CLS, then ascending significance. M is N0 - 1 (the initial patch count) at every stage,
+as in the official code, unless a budget K smaller than the stage's input asks for fewer (M = K - 1).
+
+Per-image semantics (SCORE_PADDING "none", the default): an image's tokens and logits are what the
+official code gives for that image alone with DROP_TOKENS True, whatever its batch-mates. The official
+batched run differs only in the zero-score slots that padding adds in front of the CDF; "batch_max"
+(DROP_TOKENS True, batched) and "full" (DROP_TOKENS False) reproduce those runs exactly.
+
+Degenerate stages, where the official code crashes or returns negative indices (its issues #3, #7): a
+score that is NaN or infinite counts as 0; an image whose CDF has no spread (fewer than 2 patch tokens,
+all scores equal to zero) keeps all its tokens at that stage; a budget below 2 is raised to 2 (CLS plus
+the most significant token).
+"""
+
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from vitadapt.config import register_config
+
+from .build import MODEL_REGISTRY
+from .tokens import TokenAdapter, TokenBatch
+from .vit import VisionTransformer, vit_kwargs
+
+SCORE_PADDINGS = ("none", "batch_max", "full")
+
+
+class AdaptiveTokenSampler(TokenAdapter):
+    needs_cls_attention = True
+
+    def __init__(self, budget: float = 0.0, score_padding: str = "none"):
+        super().__init__()
+        if score_padding not in SCORE_PADDINGS:
+            raise ValueError(f"score_padding must be one of {SCORE_PADDINGS}, got '{score_padding}'")
+        self.budget = budget
+        self.score_padding = score_padding
+        self.last_num_kept: Optional[Tensor] = None  # [B], CLS included
+        self.last_kept_ids: Optional[Tensor] = None  # [B, K] original ids, official order, -1 = none
+
+    def num_samples(self, n_live: Tensor, num_initial: int) -> Tensor:
+        """[B] number M of inverse-transform samples for images with n_live tokens (CLS included)."""
+        m = torch.full_like(n_live, num_initial - 1)
+        if self.budget > 0:
+            k = torch.round(self.budget * n_live.double()).long() if self.budget <= 1 else \
+                torch.full_like(n_live, int(round(self.budget)))
+            k = k.clamp(min=2)
+            m = torch.where(k < n_live, k - 1, m)  # a budget at or above the input keeps the official M
+        return m
+
+    def after_attention(self, tokens: TokenBatch, cls_attention: Tensor, values: Tensor) -> TokenBatch:
+        index, valid = self.sample(tokens, cls_attention, values)
+        self.last_num_kept = valid.sum(dim=1)
+        ids = tokens.padded(tokens.ids).gather(1, index)
+        self.last_kept_ids = ids.masked_fill(~valid, -1)
+        return tokens.select(index, valid)
+
+    @torch.no_grad()
+    def sample(self, tokens: TokenBatch, cls_attention: Tensor, values: Tensor):
+        """(index [B, K], valid [B, K]): padded positions of the kept tokens, CLS first, ascending significance."""
+        live = tokens.live_mask()[:, 1:]  # [B, N-1] patch slots holding a live token
+        b, n1 = live.shape
+        v_norm = values.transpose(1, 2).reshape(b, n1 + 1, -1).float().norm(dim=-1)
+        scores = (cls_attention.float().sum(dim=1) * v_norm)[:, 1:]
+        scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0) * live
+        total = scores.sum(dim=1, keepdim=True)
+        scores = scores / total.clamp(min=torch.finfo(scores.dtype).tiny)
+
+        # Dead slots sort first (key -1) and are never picked (their CDF is +inf below).
+        sorted_scores, order = torch.sort(torch.where(live, scores, -1.0), dim=1)
+        sorted_live = sorted_scores >= 0
+        cdf = torch.cumsum(sorted_scores.clamp(min=0), dim=1)
+        n_dead = n1 - live.sum(dim=1)
+        first_live = cdf.gather(1, n_dead.clamp(max=n1 - 1)[:, None])
+        # The official CDF minimum is 0 when zero-score (padding / dropped) slots precede this image's tokens.
+        zero_slots = self.zero_score_slots(tokens)
+        cdf_min = torch.where(zero_slots[:, None] > 0, torch.zeros_like(first_live), first_live)
+        cdf_max = cdf[:, -1:]
+        spread = cdf_max - cdf_min
+        ncdf = (cdf - cdf_min) / spread.clamp(min=torch.finfo(cdf.dtype).tiny)
+        ys_start = torch.where(sorted_live & (ncdf != 0), ncdf, torch.inf).min(dim=1, keepdim=True).values
+        degenerate = (spread[:, 0] <= 0) | ~torch.isfinite(ys_start[:, 0]) | (live.sum(dim=1) < 2)
+        ys_start = torch.where(degenerate[:, None], torch.ones_like(ys_start), ys_start)
+
+        m = self.num_samples(tokens.num_live(), tokens.num_initial)  # [B]
+        k = torch.arange(int(m.max()), device=cdf.device, dtype=cdf.dtype)[None, :].expand(b, -1)
+        last = (m - 1).clamp(min=1).to(cdf.dtype)[:, None]
+        k = torch.minimum(k, (m - 1).to(cdf.dtype)[:, None])  # images with fewer samples repeat their last y
+        # The official arithmetic, kept as written so that nearest-CDF ties resolve identically.
+        ys = (k / last * last - ys_start * k) / last + ys_start
+        ys = torch.where((m == 1)[:, None], torch.ones_like(ys), ys)
+        distance = (ys[:, :, None] - torch.where(sorted_live, ncdf, torch.inf)[:, None, :]).abs()
+        picks = distance.argmin(dim=2)  # first index on ties, as torch.min in the official code
+        picked = torch.zeros_like(live).scatter(1, picks, True) & sorted_live
+        picked = torch.where(degenerate[:, None], sorted_live, picked)
+
+        # Picked sorted positions, in ascending significance, first; then map back to padded slots (+1: CLS).
+        rank = torch.argsort((~picked).to(torch.uint8), dim=1, stable=True)
+        count = int(picked.sum(dim=1).max())
+        rank = rank[:, :count]
+        index = torch.cat([torch.zeros_like(rank[:, :1]), order.gather(1, rank) + 1], dim=1)
+        valid = torch.cat([torch.ones_like(picked[:, :1]), picked.gather(1, rank)], dim=1)
+        return index, valid
+
+    def zero_score_slots(self, tokens: TokenBatch) -> Tensor:
+        """[B] zero-score slots the official layout puts before this image's tokens (see the module doc)."""
+        n_live = tokens.num_live()
+        if self.score_padding == "none":
+            return torch.zeros_like(n_live)
+        width = tokens.num_initial if self.score_padding == "full" else n_live.max()
+        return width - n_live
+
+
+@MODEL_REGISTRY.register()
+class ATSVisionTransformer(VisionTransformer):
+    """DeiT with ATS after the attention of the blocks in `ats_blocks`; parameter-free, loads DeiT weights."""
+
+    def __init__(self, ats_blocks: Sequence[int] = (), budgets: Sequence[float] = (), score_padding: str = "none",
+                 **vit_args):
+        super().__init__(**vit_args)
+        budgets = list(budgets) or [0.0]
+        if len(budgets) == 1:
+            budgets = budgets * len(ats_blocks)
+        if len(budgets) != len(ats_blocks):
+            raise ValueError(f"{len(budgets)} budgets for {len(ats_blocks)} ATS blocks")
+        self.ats_blocks = list(ats_blocks)
+        for block, budget in zip(self.ats_blocks, budgets):
+            self.blocks[block].adapter = AdaptiveTokenSampler(budget, score_padding)
+
+    @classmethod
+    def from_config(cls, cfg) -> "ATSVisionTransformer":
+        return cls(ats_blocks=cfg.ATS.BLOCKS, budgets=cfg.ATS.BUDGETS, score_padding=cfg.ATS.SCORE_PADDING,
+                   **vit_kwargs(cfg))
+
+    def samplers(self) -> List[AdaptiveTokenSampler]:
+        return [self.blocks[i].adapter for i in self.ats_blocks]
+
+    def forward(self, images: Tensor) -> Tensor:
+        logits = super().forward(images)
+        # [stages, B] kept tokens per image (CLS included) at every ATS stage.
+        self.last_num_kept = torch.stack([s.last_num_kept for s in self.samplers()]) if self.ats_blocks else None
+        return logits
+
+
+def add_ats_config(cfg) -> None:
+    from fvcore.common.config import CfgNode
+
+    cfg.ATS = CfgNode()
+    # Blocks (0-based) after whose attention ATS samples tokens; the official DeiT-S layout is 3..11.
+    cfg.ATS.BLOCKS = [3, 4, 5, 6, 7, 8, 9, 10, 11]
+    # Budget K per stage (one value for all stages, or one per block in BLOCKS): > 1 is a token count (CLS
+    # included), <= 1 a ratio of the stage's input tokens, 0 no budget (the official code's only working case).
+    cfg.ATS.BUDGETS = [0.0]
+    # "none": per-image results (= the official code on one image at a time); "batch_max" / "full": the official
+    # batched run with DROP_TOKENS True / False, whose results depend on the batch.
+    cfg.ATS.SCORE_PADDING = "none"
+
+
+def validate_ats_config(cfg) -> None:
+    from vitadapt.config import ConfigError
+
+    if cfg.MODEL.NAME != "ATSVisionTransformer":
+        return
+    a = cfg.ATS
+    if any(not 0 <= b < cfg.VIT.DEPTH for b in a.BLOCKS) or len(set(a.BLOCKS)) != len(a.BLOCKS):
+        raise ConfigError(f"ATS.BLOCKS {list(a.BLOCKS)} must be distinct block indices in [0, VIT.DEPTH={cfg.VIT.DEPTH})")
+    if len(a.BUDGETS) not in (1, len(a.BLOCKS)):
+        raise ConfigError(f"ATS.BUDGETS needs 1 value or one per ATS.BLOCKS entry ({len(a.BLOCKS)}), got {len(a.BUDGETS)}")
+    if any(b < 0 for b in a.BUDGETS):
+        raise ConfigError(f"ATS.BUDGETS must be >= 0, got {list(a.BUDGETS)}")
+    if a.SCORE_PADDING not in SCORE_PADDINGS:
+        raise ConfigError(f"ATS.SCORE_PADDING must be one of {SCORE_PADDINGS}, got '{a.SCORE_PADDING}'")
+
+
+def official_to_config_opts(config: dict) -> List[str]:
+    """KEY VALUE overrides for the official ATS `ViT(...)` constructor arguments (a golden file's `config`)."""
+    unsupported = {k: config[k] for k in ("qk_scale", "representation_size", "hybrid_backbone", "norm_layer")
+                   if config.get(k) is not None}
+    if unsupported:
+        raise ValueError(f"official ATS arguments not supported by vitadapt: {unsupported}")
+    n_initial = (config["img_size"] // config["patch_size"]) ** 2 + 1
+    budgets = [float(config["num_tokens"][b]) for b in config["ats_blocks"]]
+    # Official budgets only ever worked when they clamp to the stage input (>= N, or ratio 1.0): no budget.
+    budgets = [0.0 if (b >= n_initial or b == 1.0) else b for b in budgets]
+    pairs = {"MODEL.NAME": "ATSVisionTransformer", "MODEL.NUM_CLASSES": config["num_classes"],
+             "DATA.TRAIN_CROP_SIZE": config["img_size"], "DATA.TEST_CROP_SIZE": config["img_size"],
+             "VIT.PATCH_SIZE": config["patch_size"], "VIT.IN_CHANS": config["in_channels"],
+             "VIT.EMBED_DIM": config["embed_dim"], "VIT.DEPTH": config["depth"], "VIT.NUM_HEADS": config["num_heads"],
+             "VIT.MLP_RATIO": float(config["mlp_ratio"]), "VIT.QKV_BIAS": bool(config["qkv_bias"]),
+             "ATS.BLOCKS": list(config["ats_blocks"]), "ATS.BUDGETS": budgets,
+             "ATS.SCORE_PADDING": "batch_max" if config["drop_tokens"] else "full"}
+    return [str(x) for kv in pairs.items() for x in kv]
+
+
+def convert_official_state_dict(sd: dict) -> dict:
+    """Drops the official ATS blocks' `attn.out_zero_mask` (an all-zero, unused parameter); refuses non-zero ones."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith("attn.out_zero_mask"):
+            if value.abs().sum() != 0:
+                raise ValueError(f"{key} is not all zeros; this is not an official ATS checkpoint")
+            continue
+        out[key] = value
+    return out
+
+
+register_config("ATS", add_ats_config, validate_ats_config)

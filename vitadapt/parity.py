@@ -1,0 +1,107 @@
+"""Parity with the official implementations, on golden files recorded from their code (shared/golden).
+
+Each method has one function that maps the file's official constructor arguments to a vitadapt config,
+loads the official state_dict through vitadapt's converter, runs the recorded input and compares. A
+comparison is a line `name: max |diff| = ...  OK|MISMATCH`; discrete decisions must match exactly,
+floats within `FLOAT_ATOL` (golden/README.md).
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+import torch
+
+from vitadapt.config import load_config
+from vitadapt.models import build_model
+from vitadapt.models.convert import LoadReport, load_into_model
+
+FLOAT_ATOL = 1e-4
+
+
+@dataclass
+class Comparison:
+    name: str
+    max_diff: float
+    ok: bool
+
+    def line(self) -> str:
+        return f"{self.name}: max |diff| = {self.max_diff:.3g}  {'OK' if self.ok else 'MISMATCH'}"
+
+
+def compare_float(name: str, mine: torch.Tensor, ref: torch.Tensor, atol: float = FLOAT_ATOL) -> Comparison:
+    if mine.shape != ref.shape:
+        return Comparison(f"{name} (shape {tuple(mine.shape)} vs {tuple(ref.shape)})", float("inf"), False)
+    diff = (mine.double() - ref.double()).abs().max().item() if mine.numel() else 0.0
+    return Comparison(name, diff, diff <= atol)
+
+
+def compare_exact(name: str, mine, ref) -> Comparison:
+    equal = mine == ref if not torch.is_tensor(mine) else (mine.shape == ref.shape and torch.equal(mine, ref))
+    if torch.is_tensor(mine) and mine.shape == ref.shape and mine.numel():
+        diff = (mine.double() - ref.double()).abs().max().item()
+    else:
+        diff = 0.0 if equal else float("inf")
+    return Comparison(name, diff, bool(equal))
+
+
+def _official_model(opts: List[str], state_dict: dict, execution: str, extra=()):
+    cfg = load_config("", list(opts) + ["NUM_GPUS", "0", "VIT.TOKEN_EXECUTION", execution] + list(extra))
+    model = build_model(cfg).eval()
+    load_into_model(model, state_dict, LoadReport("golden state_dict", "official layout"))
+    return model
+
+
+def _kept_sets(ids: torch.Tensor) -> List[List[int]]:
+    return [sorted(i for i in row.tolist() if i >= 0) for row in ids]
+
+
+@torch.no_grad()
+def check_ats(golden: dict) -> List[Comparison]:
+    from vitadapt.models.ats import convert_official_state_dict, official_to_config_opts
+
+    opts = official_to_config_opts(golden["config"])
+    sd = convert_official_state_dict(golden["state_dict"])
+    images = golden["input"]
+    official_batched = "batch_max" if golden["config"]["drop_tokens"] else "full"
+    out: List[Comparison] = []
+    for execution in ("packed", "masked"):
+        # 1. The official batched run, replicated exactly (kept sets per stage and image, counts, logits).
+        model = _official_model(opts, sd, execution, ["ATS.SCORE_PADDING", official_batched])
+        logits = model(images)
+        out.append(compare_float(f"[{execution}, {official_batched}] logits", logits, golden["logits"]))
+        out.append(compare_exact(f"[{execution}, {official_batched}] num_kept", model.last_num_kept, golden["num_kept"]))
+        for sampler, stage in zip(model.samplers(), golden["stages"]):
+            out.append(compare_exact(f"[{execution}, {official_batched}] kept ids, block {stage['block']}",
+                                     _kept_sets(sampler.last_kept_ids), _kept_sets(stage["kept_orig_ids"])))
+        # 2. Per-image semantics: each image as the official code gives it alone (DROP_TOKENS True), whatever
+        #    the batch; with DROP_TOKENS False the official run is already batch-independent.
+        semantics = "none" if golden["config"]["drop_tokens"] else "full"
+        model = _official_model(opts, sd, execution, ["ATS.SCORE_PADDING", semantics])
+        batched = model(images)
+        batched_kept = model.last_num_kept
+        out.append(compare_float(f"[{execution}, {semantics}] logits vs logits_bs1", batched, golden["logits_bs1"]))
+        out.append(compare_exact(f"[{execution}, {semantics}] num_kept vs num_kept_bs1", batched_kept,
+                                 golden["num_kept_bs1"]))
+        reverse = torch.arange(images.shape[0] - 1, -1, -1)
+        out.append(compare_float(f"[{execution}, {semantics}] logits, batch reversed", model(images[reverse])[reverse],
+                                 golden["logits_bs1"]))
+        alone = torch.cat([model(images[i:i + 1]) for i in range(images.shape[0])])
+        out.append(compare_float(f"[{execution}, {semantics}] logits, one image at a time", alone, golden["logits_bs1"]))
+    return out
+
+
+# Which method a golden file belongs to, from its official constructor arguments.
+PARITY_CHECKS: Dict[str, Callable[[dict], List[Comparison]]] = {"ats": check_ats}
+
+
+def detect_method(golden: dict) -> str:
+    config = golden.get("config", {})
+    if "ats_blocks" in config:
+        return "ats"
+    raise ValueError("cannot tell which method this golden file is for (no known constructor arguments in 'config'); "
+                     f"vitadapt has parity checks for: {sorted(PARITY_CHECKS)}")
+
+
+def check_file(path: str) -> List[Comparison]:
+    golden = torch.load(path, map_location="cpu", weights_only=True)
+    return PARITY_CHECKS[detect_method(golden)](golden)
