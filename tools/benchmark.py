@@ -30,6 +30,7 @@ from vitadapt.engine.trainer import amp_dtype, select_device  # noqa: E402
 from vitadapt.models import build_model  # noqa: E402
 from vitadapt.models.convert import CheckpointMismatchError  # noqa: E402
 from vitadapt.models.flops import fvcore_macs, vit_macs  # noqa: E402
+from vitadapt.models.synthetic import sharpen_  # noqa: E402
 from vitadapt.utils.checkpoint import CheckpointError, load_weights  # noqa: E402
 
 
@@ -39,6 +40,10 @@ def parse(argv=None):
     parser.add_argument("--compare", default="", help="a second config, measured side by side")
     parser.add_argument("--data", action="store_true", help="use images of the config's TEST.SPLIT, not noise")
     parser.add_argument("--out", default="", help="JSON output (default: OUTPUT_DIR of --cfg / benchmark.json)")
+    parser.add_argument("--init", choices=("default", "sharpened"), default="default",
+                        help="weights when no TEST.CHECKPOINT_FILE_PATH is set: the model's own init, or synthetic "
+                             "weights with peaked attention (vitadapt.models.synthetic), the same for both configs, "
+                             "under which token-sampling methods drop tokens as with trained weights")
     args, opts = parser.parse_known_args(argv)
     return args, opts
 
@@ -68,7 +73,7 @@ def make_inputs(cfg, batch: int, use_data: bool) -> torch.Tensor:
 class Subject:
     """One model under test, with its inputs per batch size."""
 
-    def __init__(self, cfg_file: str, opts, use_data: bool):
+    def __init__(self, cfg_file: str, opts, use_data: bool, init: str):
         self.name = cfg_file
         self.cfg = load_config(cfg_file, opts)
         self.device = select_device(self.cfg)
@@ -76,6 +81,8 @@ class Subject:
         self.model = build_model(self.cfg).to(self.device).eval()
         if self.cfg.TEST.CHECKPOINT_FILE_PATH:
             load_weights(self.model, self.cfg.TEST.CHECKPOINT_FILE_PATH)
+        elif init == "sharpened":
+            sharpen_(self.model)
         self.params = sum(p.numel() for p in self.model.parameters())
         largest = make_inputs(self.cfg, max(self.cfg.BENCHMARK.BATCH_SIZES), use_data)
         self.inputs = {b: largest[:b].to(self.device) for b in self.cfg.BENCHMARK.BATCH_SIZES}
@@ -125,13 +132,13 @@ class Subject:
 
 def run(argv=None) -> dict:
     args, opts = parse(argv)
-    subjects = [Subject(args.cfg, opts, args.data)]
+    subjects = [Subject(args.cfg, opts, args.data, args.init)]
     if args.compare:
-        subjects.append(Subject(args.compare, opts, args.data))
+        subjects.append(Subject(args.compare, opts, args.data, args.init))
     bench = subjects[0].cfg.BENCHMARK
     if bench.NUM_THREADS > 0:
         torch.set_num_threads(bench.NUM_THREADS)
-    report = {"device": str(subjects[0].device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    report = {"device": str(subjects[0].device), "init": args.init, "threads": torch.get_num_threads(), "torch": torch.__version__,
               "cpu": platform.processor() or platform.machine(), "warmup_iters": bench.WARMUP_ITERS,
               "repeats": bench.NUM_REPEATS, "iters_per_repeat": bench.ITERS_PER_REPEAT, "models": []}
     for s in subjects:

@@ -26,7 +26,7 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
     """Every process evaluates its shard (no padding); sums are all-reduced, so each item counts once."""
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # n, top1, top5, loss, skipped
-    macs, predictions = [], []
+    macs, counts, predictions = [], [], []
     for batch in loader:
         sums[4] += batch["skipped"]
         if batch["inputs"] is None:
@@ -42,6 +42,7 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
         token_counts = getattr(unwrap(model), "last_token_counts", None)
         if token_counts is not None:
             macs.append(vit_macs(unwrap(model), token_counts).cpu())
+            counts.append(token_counts[..., 1].cpu())  # [B, depth] tokens leaving each block's attention
         if keep_predictions:
             predictions.append((batch["index"].cpu(), logits.cpu(), labels.cpu()))
     sums = du.all_reduce_sum(sums).cpu()
@@ -53,6 +54,12 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
     if all_macs is not None and all_macs.numel():
         stats.update(gmacs_mean=all_macs.mean().item() / 1e9, gmacs_p50=all_macs.quantile(0.5).item() / 1e9,
                      gmacs_p95=all_macs.quantile(0.95).item() / 1e9)
+    gathered = [c for part in du.all_gather_objects(counts) for c in part]
+    if gathered:
+        tokens = torch.cat(gathered).double()  # kept tokens per block (CLS included), over every image
+        stats.update(tokens_per_block_mean=[round(t, 3) for t in tokens.mean(0).tolist()],
+                     tokens_per_block_min=[int(t) for t in tokens.min(0).values.tolist()],
+                     tokens_per_block_max=[int(t) for t in tokens.max(0).values.tolist()])
     if keep_predictions:
         parts = [p for rank_parts in du.all_gather_objects(predictions) for p in rank_parts]
         if parts:

@@ -172,6 +172,9 @@ class Trainer:
             for key, value in stats.items():
                 if isinstance(value, (int, float)) and key not in ("epoch", "iter"):
                     self.writer.add_scalar(f"{stats['_type']}/{key}", value, step)
+                elif isinstance(value, list):  # per-block statistics
+                    for i, v in enumerate(value):
+                        self.writer.add_scalar(f"{stats['_type']}/{key}/{i}", v, step)
 
     def run(self):
         cfg = self.cfg
@@ -305,6 +308,11 @@ def test(cfg) -> dict:
     if du.is_master():
         logger.info("test on %s (%d images): top1 %.2f%% top5 %.2f%%", cfg.TEST.SPLIT, stats["num_images"],
                     stats["top1_acc"], stats["top5_acc"])
+        if "gmacs_mean" in stats:
+            logger.info("GMACs per image: mean %.4f, p50 %.4f, p95 %.4f; kept tokens per block (mean [min, max]): %s",
+                        stats["gmacs_mean"], stats["gmacs_p50"], stats["gmacs_p95"],
+                        " ".join(f"{m:.1f}[{lo},{hi}]" for m, lo, hi in zip(stats["tokens_per_block_mean"],
+                                 stats["tokens_per_block_min"], stats["tokens_per_block_max"])))
         log_json_stats(stats)
         if predictions is not None:
             out = os.path.join(cfg.OUTPUT_DIR, cfg.TEST.SAVE_RESULTS_PATH)

@@ -98,7 +98,7 @@ class AdaptiveTokenSampler(TokenAdapter):
         ys = torch.where((m == 1)[:, None], torch.ones_like(ys), ys)
         distance = (ys[:, :, None] - torch.where(sorted_live, ncdf, torch.inf)[:, None, :]).abs()
         picks = distance.argmin(dim=2)  # first index on ties, as torch.min in the official code
-        picked = torch.zeros_like(live).scatter(1, picks, True) & sorted_live
+        picked = torch.zeros_like(live).scatter(1, picks, torch.ones_like(picks, dtype=torch.bool)) & sorted_live
         picked = torch.where(degenerate[:, None], sorted_live, picked)
 
         # Picked sorted positions, in ascending significance, first; then map back to padded slots (+1: CLS).
