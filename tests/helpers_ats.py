@@ -6,7 +6,7 @@ one image at a time, explicit loops, official state_dict key names, plain softma
 
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -98,14 +98,14 @@ def _linear(x, sd, prefix):
 
 @torch.no_grad()
 def ref_forward(config: dict, sd: Dict[str, torch.Tensor], images: torch.Tensor, mode: str,
-                samples: Optional[int] = None):
+                samples: Optional[Callable[[int], int]] = None):
     """The official ATS ViT on `images`. mode "alone": every image run alone, DROP_TOKENS True; "batch_max": the
     batched DROP_TOKENS True run (zero-score padding up to the batch's longest image); "full": DROP_TOKENS False
-    (zero-score slots up to N0). Returns (logits [B, classes], num_kept [S, B], kept ids per stage: list of
+    (zero-score slots up to N0). samples(n_live) -> M overrides the official M = N0-1 (vitadapt's budgets; the
+    official budget check is then skipped). Returns (logits [B, classes], num_kept [S, B], kept ids per stage: list of
     [B, n_out] long, CLS then ascending significance, -1 padding)."""
     p, heads = config["patch_size"], config["num_heads"]
     n0 = (config["img_size"] // p) ** 2 + 1
-    m = n0 - 1 if samples is None else samples
     xs, ids = [], []
     for img in images:
         x = F.conv2d(img[None], sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p)
@@ -119,7 +119,7 @@ def ref_forward(config: dict, sd: Dict[str, torch.Tensor], images: torch.Tensor,
         if ats:
             widths = {"alone": [len(x) for x in xs], "batch_max": [max(len(x) for x in xs)] * len(xs),
                       "full": [n0] * len(xs)}[mode]
-            for w in set(widths):
+            for w in set(widths) if samples is None else ():
                 if not official_budget_ok(config["num_tokens"][i], w):
                     raise OfficialCrash(f"block {i}: budget {config['num_tokens'][i]} at width {w}")
         stage_kept = []
@@ -131,6 +131,7 @@ def ref_forward(config: dict, sd: Dict[str, torch.Tensor], images: torch.Tensor,
             out = (attn @ v).transpose(0, 1).reshape(n, c)
             x = x + _linear(out, sd, pre + "attn.proj")
             if ats:
+                m = n0 - 1 if samples is None else samples(n)
                 kept = ref_sample(ref_scores(attn[:, 0, :], v), m, widths[b] - n)
                 sel = torch.tensor([0] + [1 + j for j in kept])
                 x, ids[b] = x[sel], ids[b][sel]

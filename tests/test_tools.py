@@ -1,0 +1,78 @@
+"""tools/benchmark.py and tools/visualize.py on tiny models (no timing thresholds: only what can be checked)."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["NUM_GPUS", "0", "VIT.PATCH_SIZE", "8", "VIT.EMBED_DIM", "48", "VIT.DEPTH", "4", "VIT.NUM_HEADS", "3",
+        "DATA.TRAIN_CROP_SIZE", "64", "DATA.TEST_CROP_SIZE", "64", "MODEL.NUM_CLASSES", "10"]
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_config(tmp_path, name, model):
+    path = tmp_path / f"{name}.yaml"
+    ats = "ATS:\n  BLOCKS: [1, 2, 3]\n" if model == "ATSVisionTransformer" else ""
+    path.write_text(f"MODEL:\n  NAME: {model}\n{ats}")
+    return str(path)
+
+
+def test_benchmark_compares_two_models_side_by_side(tmp_path):
+    dense = write_config(tmp_path, "dense", "VisionTransformer")
+    ats = write_config(tmp_path, "ats", "ATSVisionTransformer")
+    out = tmp_path / "bench.json"
+    rc = load_tool("benchmark").main(["--cfg", dense, "--compare", ats, "--init", "sharpened", "--out", str(out)] + TINY +
+                                     ["BENCHMARK.BATCH_SIZES", "[1,4]", "BENCHMARK.NUM_REPEATS", "2",
+                                      "BENCHMARK.ITERS_PER_REPEAT", "1", "BENCHMARK.WARMUP_ITERS", "1"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["threads"] == torch.get_num_threads() and report["init"] == "sharpened"
+    first, second = report["models"]
+    assert [r["batch"] for r in first["results"]] == [1, 4]
+    assert all(r["images_per_s"] > 0 and r["peak_mem_mib"] > 0 for m in (first, second) for r in m["results"])
+    assert first["params_m"] == second["params_m"]  # ATS adds no parameters
+    # Same sharpened weights: ATS drops tokens, so it costs fewer MACs; analytic and fvcore agree on one image.
+    assert second["gmacs_mean"] < first["gmacs_mean"]
+    for m in (first, second):
+        assert m["gmacs_fvcore_first_image"] == pytest.approx(m["gmacs_first_image"], rel=0.03)
+    assert report["compare"]["gmacs_ratio"] == pytest.approx(first["gmacs_mean"] / second["gmacs_mean"])
+    assert set(report["compare"]["speedup"]) == {"1", "4"}
+
+
+def test_benchmark_reports_config_errors(tmp_path, capsys):
+    rc = load_tool("benchmark").main(["--cfg", write_config(tmp_path, "d", "VisionTransformer"), "VIT.NOPE", "1"])
+    assert rc == 2 and "VIT.NOPE" in capsys.readouterr().err
+
+
+def test_visualize_writes_one_png_per_image_showing_dropped_patches(tmp_path):
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (80, 80), (40 * i, 200, 90)).save(root / split / c / f"{i}.png")
+    cfg = write_config(tmp_path, "ats", "ATSVisionTransformer")
+    out = tmp_path / "out"
+    rc = load_tool("visualize").main(["--cfg", cfg, "--init", "sharpened", "--num-images", "3",
+                                      "DATA.PATH_TO_DATA_DIR", str(root), "OUTPUT_DIR", str(out)] + TINY)
+    assert rc == 0
+    pngs = sorted(os.listdir(out / "visualization"))
+    assert pngs == ["image_0000.png", "image_0001.png", "image_0002.png"]
+    width, height = Image.open(out / "visualization" / pngs[0]).size
+    assert width > 2 * height  # the input plus at least one panel where tokens were dropped
+
+
+def test_visualize_refuses_random_weights(tmp_path, capsys):
+    cfg = write_config(tmp_path, "ats", "ATSVisionTransformer")
+    rc = load_tool("visualize").main(["--cfg", cfg, "TEST.DATASET", "digits", "OUTPUT_DIR", str(tmp_path / "o")] + TINY)
+    assert rc == 2 and "random weights" in capsys.readouterr().err
