@@ -41,6 +41,10 @@ def ref_sample(scores: torch.Tensor, m: int, n_zero: int = 0) -> List[int]:
     order = sorted(range(len(scores)), key=lambda j: float(scores[j]))  # ascending (ties: irrelevant, see §1.3)
     sorted_scores = torch.cat([torch.zeros(n_zero), scores[order]])  # zero-score slots sort first
     cdf = torch.cumsum(sorted_scores, dim=0)
+    if len(scores) < 2 or not bool(cdf.max() - cdf.min() > 0):
+        # Degenerate stage, where the official code crashes or returns negative indices (spec §5, edge_cases.txt):
+        # vitadapt's documented rule keeps every live token.
+        return order
     ncdf = (cdf - cdf.min()) / (cdf.max() - cdf.min())  # min-max normalised
     ys_start = float(ncdf[ncdf != 0].min())
     ys_start_t = torch.tensor(ys_start, dtype=torch.float32)

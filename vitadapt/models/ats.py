@@ -96,8 +96,7 @@ class AdaptiveTokenSampler(TokenAdapter):
         # The official arithmetic, kept as written so that nearest-CDF ties resolve identically.
         ys = (k / last * last - ys_start * k) / last + ys_start
         ys = torch.where((m == 1)[:, None], torch.ones_like(ys), ys)
-        distance = (ys[:, :, None] - torch.where(sorted_live, ncdf, torch.inf)[:, None, :]).abs()
-        picks = distance.argmin(dim=2)  # first index on ties, as torch.min in the official code
+        picks = nearest_first(torch.where(sorted_live, ncdf, -torch.inf), ys)
         picked = torch.zeros_like(live).scatter(1, picks, torch.ones_like(picks, dtype=torch.bool)) & sorted_live
         picked = torch.where(degenerate[:, None], sorted_live, picked)
 
@@ -116,6 +115,16 @@ class AdaptiveTokenSampler(TokenAdapter):
             return torch.zeros_like(n_live)
         width = tokens.num_initial if self.score_padding == "full" else n_live.max()
         return width - n_live
+
+
+def nearest_first(cdf: Tensor, ys: Tensor) -> Tensor:
+    """For every y, the index of the nearest entry of the non-decreasing rows of `cdf`, the first one on ties:
+    what argmin over |y - cdf| gives (the official code's rule), by binary search instead of a [B, M, N] table."""
+    upper = torch.searchsorted(cdf, ys).clamp(max=cdf.shape[1] - 1)
+    lower = (upper - 1).clamp(min=0)
+    below, above = cdf.gather(1, lower), cdf.gather(1, upper)
+    pick = torch.where((ys - below).abs() <= (ys - above).abs(), lower, upper)
+    return torch.searchsorted(cdf, cdf.gather(1, pick))  # first index holding that value
 
 
 @MODEL_REGISTRY.register()
