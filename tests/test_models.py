@@ -62,8 +62,8 @@ def test_build_model_follows_the_config():
     assert model.blocks[0].mlp.fc1.out_features == 96
     assert model.head.out_features == 10 and model.num_classes == 10
     # Stochastic depth rises linearly to DROP_PATH_RATE at the last block.
-    assert isinstance(model.blocks[0].drop_path1, torch.nn.Identity)
-    assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2)
+    assert model.blocks[0].drop_path == 0.0
+    assert model.blocks[-1].drop_path == pytest.approx(0.2)
 
 
 def test_build_model_from_shipped_deit_ti_config():

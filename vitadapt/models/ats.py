@@ -194,10 +194,9 @@ def official_to_config_opts(config: dict) -> List[str]:
                    if config.get(k) is not None}
     if unsupported:
         raise ValueError(f"official ATS arguments not supported by vitadapt: {unsupported}")
-    n_initial = (config["img_size"] // config["patch_size"]) ** 2 + 1
-    budgets = [float(config["num_tokens"][b]) for b in config["ats_blocks"]]
-    # Official budgets only ever worked when they clamp to the stage input (>= N, or ratio 1.0): no budget.
-    budgets = [0.0 if (b >= n_initial or b == 1.0) else b for b in budgets]
+    # An official run that finishes had every budget clamped to its stage's input (anything else crashes, or is
+    # raised to at least 8 and then clamped): in effect, no budget.
+    budgets = [0.0]
     pairs = {"MODEL.NAME": "ATSVisionTransformer", "MODEL.NUM_CLASSES": config["num_classes"],
              "DATA.TRAIN_CROP_SIZE": config["img_size"], "DATA.TEST_CROP_SIZE": config["img_size"],
              "VIT.PATCH_SIZE": config["patch_size"], "VIT.IN_CHANS": config["in_channels"],

@@ -102,6 +102,16 @@ class TokenBatch:
             delta = delta * self.keep.unsqueeze(-1).to(delta.dtype)
         return self.replace(x=self.x + delta)
 
+    def drop_path(self, delta: Tensor, rate: float, training: bool) -> Tensor:
+        """Stochastic depth: drops an image's whole residual update with probability `rate` (scaled by the keep
+        probability, as timm's DropPath), whatever the layout; packed tokens share their image's draw."""
+        if rate == 0.0 or not training:
+            return delta
+        keep = delta.new_empty(self.batch_size).bernoulli_(1.0 - rate).div_(1.0 - rate)
+        if self.is_packed:
+            keep = keep.repeat_interleave(self.lengths)
+        return delta * keep.view((-1,) + (1,) * (delta.dim() - 1))
+
     def gather(self, index: Tensor) -> "TokenBatch":
         """Keeps the tokens at `index` [B, M] (positions in the current sequence), in that order (dense/masked)."""
         x = self.x.gather(1, index.unsqueeze(-1).expand(-1, -1, self.x.shape[-1]))

@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch import Tensor, nn
 
 from .build import MODEL_REGISTRY
@@ -54,10 +54,10 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        # Stochastic depth, per image (TokenBatch.drop_path also handles packed tokens).
+        self.drop_path = drop_path
         # A method's hooks for this block (see TokenAdapter); None runs the plain block.
         self.adapter: Optional[TokenAdapter] = None
 
@@ -68,11 +68,11 @@ class Block(nn.Module):
         n_attn = tokens.num_live()
         need_cls = adapter is not None and adapter.needs_cls_attention
         out, cls_attention, values = self.attn(self.norm1(tokens.x), tokens, need_cls)
-        tokens = tokens.add_residual(self.drop_path1(out))
+        tokens = tokens.add_residual(tokens.drop_path(out, self.drop_path, self.training))
         if adapter is not None:
             tokens = adapter.after_attention(tokens, cls_attention, values)
         tokens.token_counts.append(torch.stack([n_attn, tokens.num_live()], dim=1))
-        tokens = tokens.add_residual(self.drop_path2(self.mlp(self.norm2(tokens.x))))
+        tokens = tokens.add_residual(tokens.drop_path(self.mlp(self.norm2(tokens.x)), self.drop_path, self.training))
         if adapter is not None:
             tokens = adapter.after_block(tokens)
         return tokens
