@@ -15,7 +15,7 @@ from iopath.common.file_io import g_pathmgr
 
 from .defaults import get_defaults
 
-__all__ = ["CfgNode", "ConfigError", "get_cfg", "load_config", "register_config", "validate",
+__all__ = ["CfgNode", "ConfigError", "config_differences", "RESUMABLE_CHANGES", "get_cfg", "load_config", "register_config", "validate",
            "check_paths", "parse_args", "world_size"]
 
 
@@ -106,6 +106,26 @@ def merge_opts(cfg: CfgNode, opts: Sequence[str]) -> None:
         _merge(cfg, CfgNode(tree))
 
 
+# Keys that may change when a run resumes: where and how it runs and logs, not what it trains.
+RESUMABLE_CHANGES = ("OUTPUT_DIR", "NUM_GPUS", "NUM_PROCS", "NUM_SHARDS", "SHARD_ID", "DIST_BACKEND", "LOG_PERIOD",
+                     "LOG_MODEL_INFO", "SOLVER.MAX_EPOCH", "TRAIN.EVAL_PERIOD", "TRAIN.CHECKPOINT_PERIOD",
+                     "TRAIN.KEEP_LAST_K", "TRAIN.AUTO_RESUME", "TRAIN.CHECKPOINT_FILE_PATH", "TEST.", "DATA_LOADER.",
+                     "TENSORBOARD.", "BENCHMARK.", "DATA.PATH_TO_DATA_DIR")
+
+
+def config_differences(old: CfgNode, new: CfgNode, prefix: str = "") -> List[str]:
+    """Dotted keys whose values differ between two configs (keys present in only one count too)."""
+    keys = sorted(set(old) | set(new))
+    out = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b and not (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and list(a) == list(b)):
+            out.append(prefix + key)
+    return out
+
+
 def world_size(cfg: CfgNode) -> int:
     per_machine = cfg.NUM_GPUS if cfg.NUM_GPUS > 0 else cfg.NUM_PROCS
     return per_machine * cfg.NUM_SHARDS
@@ -147,7 +167,13 @@ def validate(cfg: CfgNode) -> None:
                  f"choose one of {sorted(k for k, _ in DATASET_REGISTRY)}")
     _require(cfg.MODEL.NUM_CLASSES >= 1, f"MODEL.NUM_CLASSES must be >= 1, got {cfg.MODEL.NUM_CLASSES}")
 
+    _require(cfg.LOG_PERIOD >= 1, f"LOG_PERIOD must be >= 1, got {cfg.LOG_PERIOD}")
     v = cfg.VIT
+    for key in ("PATCH_SIZE", "EMBED_DIM", "DEPTH", "NUM_HEADS", "IN_CHANS"):
+        _require(v[key] >= 1, f"VIT.{key} must be >= 1, got {v[key]}")
+    _require(v.MLP_RATIO > 0, f"VIT.MLP_RATIO must be > 0, got {v.MLP_RATIO}")
+    for key in ("DROP_RATE", "ATTN_DROP_RATE", "DROP_PATH_RATE", "HEAD_DROP_RATE"):
+        _require(0 <= v[key] < 1, f"VIT.{key} must be in [0, 1), got {v[key]}")
     _require(v.TOKEN_EXECUTION in ("packed", "masked"),
              f"VIT.TOKEN_EXECUTION must be packed or masked, got '{v.TOKEN_EXECUTION}'")
     _require(v.EMBED_DIM % v.NUM_HEADS == 0,
@@ -166,8 +192,9 @@ def validate(cfg: CfgNode) -> None:
     _require(s.LR_POLICY in ("cosine", "steps_with_relative_lrs", "constant"),
              f"SOLVER.LR_POLICY must be cosine, steps_with_relative_lrs or constant, got '{s.LR_POLICY}'")
     if s.LR_POLICY == "steps_with_relative_lrs":
-        _require(len(s.STEPS) == len(s.LRS) and len(s.STEPS) > 0 and s.STEPS[0] == 0,
-                 "SOLVER.STEPS and SOLVER.LRS must have the same length and STEPS must start at 0")
+        _require(len(s.STEPS) == len(s.LRS) and len(s.STEPS) > 0 and s.STEPS[0] == 0
+                 and list(s.STEPS) == sorted(s.STEPS),
+                 "SOLVER.STEPS and SOLVER.LRS must have the same length and STEPS must rise from 0")
     _require(s.OPTIMIZING_METHOD in ("sgd", "adamw"),
              f"SOLVER.OPTIMIZING_METHOD must be sgd or adamw, got '{s.OPTIMIZING_METHOD}'")
     _require(s.MAX_EPOCH >= 1, f"SOLVER.MAX_EPOCH must be >= 1, got {s.MAX_EPOCH}")
@@ -182,8 +209,19 @@ def validate(cfg: CfgNode) -> None:
     _require(0 <= cfg.TRAIN.LABEL_SMOOTHING < 1, "TRAIN.LABEL_SMOOTHING must be in [0, 1)")
     _require(cfg.DATA_LOADER.NUM_WORKERS >= 0, "DATA_LOADER.NUM_WORKERS must be >= 0")
     _require(not (cfg.MIXUP.ENABLE and cfg.MODEL.NUM_CLASSES < 2), "MIXUP.ENABLE needs MODEL.NUM_CLASSES >= 2")
+    _require(not cfg.MIXUP.ENABLE or (cfg.TRAIN.BATCH_SIZE // world) % 2 == 0,
+             f"MIXUP.ENABLE pairs images: TRAIN.BATCH_SIZE per process ({cfg.TRAIN.BATCH_SIZE // world}) must be even")
+    _require(0 <= cfg.MIXUP.PROB <= 1 and 0 <= cfg.MIXUP.SWITCH_PROB <= 1,
+             "MIXUP.PROB and MIXUP.SWITCH_PROB must be in [0, 1]")
+    _require(len(cfg.AUG.SCALE) == 2 and 0 < cfg.AUG.SCALE[0] <= cfg.AUG.SCALE[1] <= 1,
+             f"AUG.SCALE must be [min, max] with 0 < min <= max <= 1, got {list(cfg.AUG.SCALE)}")
+    _require(0 <= cfg.AUG.HFLIP <= 1 and 0 <= cfg.AUG.RE_PROB <= 1, "AUG.HFLIP and AUG.RE_PROB must be in [0, 1]")
+    _require(cfg.TEST.SPLIT in ("val", "test"), f"TEST.SPLIT must be val or test, got '{cfg.TEST.SPLIT}'")
     _require(0 < cfg.MODEL_EMA.DECAY < 1, "MODEL_EMA.DECAY must be in (0, 1)")
-    _require(all(b >= 1 for b in cfg.BENCHMARK.BATCH_SIZES), "BENCHMARK.BATCH_SIZES must be >= 1")
+    b = cfg.BENCHMARK
+    _require(len(b.BATCH_SIZES) > 0 and all(x >= 1 for x in b.BATCH_SIZES), "BENCHMARK.BATCH_SIZES must be >= 1")
+    _require(b.NUM_REPEATS >= 1 and b.ITERS_PER_REPEAT >= 1 and b.WARMUP_ITERS >= 0,
+             "BENCHMARK.NUM_REPEATS and ITERS_PER_REPEAT must be >= 1, WARMUP_ITERS >= 0")
 
     for check in _VALIDATORS:
         check(cfg)

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from .build import register_dataset
+from .imagenet import DataError
 from .transforms import build_transform
 
 NUM_VAL = 300
@@ -20,6 +21,10 @@ class DigitsDataset:
     def __init__(self, cfg, split: str):
         from sklearn.datasets import load_digits
 
+        if split not in ("train", "val", "test"):
+            raise DataError(f"the digits data set has the splits train and val (test = val), not '{split}'")
+        if cfg.MODEL.NUM_CLASSES < 10:
+            raise DataError(f"the digits data set has 10 classes but MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES}")
         data = load_digits()
         order = np.random.RandomState(0).permutation(len(data.target))
         chosen = order[:NUM_VAL] if split in ("val", "test") else order[NUM_VAL:]

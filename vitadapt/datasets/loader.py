@@ -57,8 +57,9 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def construct_loader(cfg, split: str, rank: int = 0, world: int = 1) -> DataLoader:
-    is_train = split == "train"
+def construct_loader(cfg, split: str, rank: int = 0, world: int = 1, is_train: bool = None) -> DataLoader:
+    """Training loaders shuffle (seeded per epoch) and augment; evaluation loaders shard without padding."""
+    is_train = split == "train" if is_train is None else is_train
     dataset = build_dataset(cfg.TRAIN.DATASET if is_train else cfg.TEST.DATASET, cfg, split)
     batch = (cfg.TRAIN.BATCH_SIZE if is_train else cfg.TEST.BATCH_SIZE) // world
     if is_train:

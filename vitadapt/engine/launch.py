@@ -71,4 +71,6 @@ def launch_job(cfg, func, init_method: str = ""):
         # The worker's traceback was printed already; keep its last line ("module.Error: message").
         lines = [line for line in str(e).strip().splitlines() if line.strip()]
         raise WorkerError(f"a worker process failed: {lines[-1] if lines else e}") from None
+    except mp.ProcessExitedException as e:
+        raise WorkerError(f"a worker process died: {e}") from None
     return None

@@ -14,7 +14,7 @@ from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
-from vitadapt.config import ConfigError
+from vitadapt.config import RESUMABLE_CHANGES, CfgNode, ConfigError, config_differences
 from vitadapt.datasets import construct_loader
 from vitadapt.losses import build_loss
 from vitadapt.models import build_model
@@ -25,7 +25,7 @@ from vitadapt.utils.logging import log_json_stats, setup_logging
 from vitadapt.utils.lr_policy import lr_at_epoch
 from vitadapt.utils.optimizer import build_optimizer
 
-from .evaluate import evaluate, to_device, topk_correct
+from .evaluate import evaluate, topk_correct
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +136,8 @@ class Trainer:
         self.start_epoch = self.restore(model)
         self.model = wrap_ddp(model, self.device)
         rank, world = du.get_rank(), du.get_world_size()
-        self.train_loader = construct_loader(cfg, "train", rank, world)
-        self.val_loader = construct_loader(cfg, "val", rank, world)
+        self.train_loader = construct_loader(cfg, "train", rank, world, is_train=True)
+        self.val_loader = construct_loader(cfg, "val", rank, world, is_train=False)
         self.mixup = Mixup(mixup_alpha=cfg.MIXUP.ALPHA, cutmix_alpha=cfg.MIXUP.CUTMIX_ALPHA, prob=cfg.MIXUP.PROB,
                            switch_prob=cfg.MIXUP.SWITCH_PROB, label_smoothing=cfg.TRAIN.LABEL_SMOOTHING,
                            num_classes=cfg.MODEL.NUM_CLASSES) if cfg.MIXUP.ENABLE else None
@@ -158,6 +158,7 @@ class Trainer:
         cfg = self.cfg
         last = cu.last_checkpoint(cfg.OUTPUT_DIR) if cfg.TRAIN.AUTO_RESUME else None
         if last:
+            self.check_same_run(last)
             epoch = cu.resume(last, model, self.optimizer, self.scaler, self.ema, du.get_rank(), du.get_world_size())
             logger.info("resumed from %s: %d epoch(s) done", last, epoch)
             return epoch
@@ -166,6 +167,17 @@ class Trainer:
             if self.ema is not None:
                 self.ema.module.load_state_dict(model.state_dict())
         return 0
+
+    def check_same_run(self, path: str) -> None:
+        """Auto-resume continues a run; a checkpoint of a differently configured run must not be taken for it."""
+        saved = cu.load_file(path).get("cfg")
+        if not saved:
+            return
+        changed = [k for k in config_differences(CfgNode.load_cfg(saved), self.cfg)
+                   if not k.startswith(RESUMABLE_CHANGES)]
+        if changed:
+            raise ConfigError(f"{path} belongs to a run with a different config ({', '.join(changed)}); resuming it "
+                              "would mix two runs. Use another OUTPUT_DIR, or TRAIN.AUTO_RESUME False to start over")
 
     def scalars(self, stats: dict, step: int) -> None:
         if self.writer is not None:
@@ -179,14 +191,12 @@ class Trainer:
     def run(self):
         cfg = self.cfg
         max_epoch = cfg.SOLVER.MAX_EPOCH
-        best_top1 = None
         for epoch in range(self.start_epoch, max_epoch):
             self.train_loader.sampler.set_epoch(epoch)
             self.train_one_epoch(epoch)
             last = epoch + 1 == max_epoch
             if (epoch + 1) % cfg.TRAIN.EVAL_PERIOD == 0 or last:
-                val_stats = self.validate(epoch)
-                best_top1 = max(best_top1 or 0.0, val_stats["top1_acc"])
+                self.validate(epoch)
             # Saved after evaluation: the RNG state stored is the one the next epoch starts from.
             if (epoch + 1) % cfg.TRAIN.CHECKPOINT_PERIOD == 0 or last:
                 rng_states = du.all_gather_objects(cu.rng_state())  # every rank's stream, for an exact resume
@@ -202,7 +212,8 @@ class Trainer:
         return cu.unwrap(self.model)
 
     def validate(self, epoch: int) -> dict:
-        model = self.ema.module if self.ema is not None and self.cfg.MODEL_EMA.EVAL else self.model
+        # Unwrapped: evaluation shards are uneven, and DDP's forward would expect the same steps on every rank.
+        model = self.ema.module if self.ema is not None and self.cfg.MODEL_EMA.EVAL else cu.unwrap(self.model)
         stats = evaluate(model, self.val_loader, self.device, self.amp_dtype)
         stats.update(_type="val", epoch=epoch + 1)
         logger.info("val epoch %d: top1 %.2f%% top5 %.2f%% loss %.4f (%d images)", epoch + 1, stats["top1_acc"],
@@ -223,21 +234,23 @@ class Trainer:
             for hook in self.hooks:
                 hook.before_step(self, progress)
             sums[3] += batch["skipped"]
-            if batch["inputs"] is None:
-                continue
-            batch = to_device(batch, device)
             inputs, labels = batch["inputs"], batch["labels"]
+            if self.mixup is not None and inputs is not None and inputs.shape[0] % 2:
+                # timm's mixup pairs images; a skipped image can leave an odd batch
+                inputs, labels = inputs[:-1], labels[:-1]
+            # A batch whose images all failed to decode is skipped, by every process together (DDP steps in lockstep).
+            if not self.on_all_ranks(inputs is not None and inputs.shape[0] > 0):
+                continue
+            inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             targets = labels
             if self.mixup is not None:
-                if inputs.shape[0] % 2:  # timm's mixup pairs images; a skipped image can leave an odd batch
-                    inputs, labels = inputs[:-1], labels[:-1]
                 inputs, targets = self.mixup(inputs, labels)
             with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 logits = model(inputs)
                 loss = self.loss_fn(logits.float(), targets)
-            if not torch.isfinite(loss):
+            if not self.on_all_ranks(bool(torch.isfinite(loss))):
                 raise TrainingDiverged(
-                    f"loss is {loss.item()} at epoch {epoch + 1}, iteration {it + 1}; training stopped. The last "
+                    f"loss is {loss.item()} (on at least one process) at epoch {epoch + 1}, iteration {it + 1}; training stopped. The last "
                     f"good checkpoint is {cu.last_checkpoint(cfg.OUTPUT_DIR) or 'none (no epoch finished)'}; "
                     f"lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRAD_L2NORM")
             self.optimizer.zero_grad(set_to_none=True)
@@ -270,6 +283,13 @@ class Trainer:
             self.scalars(stats, epoch + 1)
         return stats
 
+    def on_all_ranks(self, flag: bool) -> bool:
+        """True when `flag` holds on every process (one tiny all-reduce when there are several)."""
+        if du.get_world_size() == 1:
+            return flag
+        agreed = du.all_reduce_sum(torch.tensor([float(flag)], device=self.device))
+        return int(agreed.item()) == du.get_world_size()
+
     def log_progress(self, epoch, it, iters, loss, start, tick):
         elapsed = time.perf_counter() - start
         per_iter = elapsed / (it + 1)
@@ -300,8 +320,7 @@ def test(cfg) -> dict:
     model, device = prepare(cfg, "test")
     path = test_checkpoint(cfg)
     cu.load_weights(model, path, prefer_ema=cfg.MODEL_EMA.ENABLE and cfg.MODEL_EMA.EVAL)
-    model = wrap_ddp(model, device)
-    loader = construct_loader(cfg, cfg.TEST.SPLIT, du.get_rank(), du.get_world_size())
+    loader = construct_loader(cfg, cfg.TEST.SPLIT, du.get_rank(), du.get_world_size(), is_train=False)
     stats = evaluate(model, loader, device, amp_dtype(cfg, device), keep_predictions=bool(cfg.TEST.SAVE_RESULTS_PATH))
     predictions = stats.pop("predictions", None)
     stats.update(_type="test_final", checkpoint=path, split=cfg.TEST.SPLIT)
@@ -314,6 +333,14 @@ def test(cfg) -> dict:
                         " ".join(f"{m:.1f}[{lo},{hi}]" for m, lo, hi in zip(stats["tokens_per_block_mean"],
                                  stats["tokens_per_block_min"], stats["tokens_per_block_max"])))
         log_json_stats(stats)
+        if cfg.TENSORBOARD.ENABLE:
+            from torch.utils.tensorboard import SummaryWriter
+
+            with SummaryWriter(cfg.TENSORBOARD.LOG_DIR or os.path.join(cfg.OUTPUT_DIR, "tensorboard")) as writer:
+                for key, value in stats.items():
+                    for i, v in enumerate(value if isinstance(value, list) else [value]):
+                        if isinstance(v, (int, float)):
+                            writer.add_scalar(f"test/{key}" + (f"/{i}" if isinstance(value, list) else ""), v)
         if predictions is not None:
             out = os.path.join(cfg.OUTPUT_DIR, cfg.TEST.SAVE_RESULTS_PATH)
             with g_pathmgr.open(out, "wb") as f:

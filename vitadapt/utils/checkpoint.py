@@ -117,7 +117,7 @@ def resume(path: str, model, optimizer, scaler=None, ema=None, rank: int = 0, wo
         raise CheckpointError(f"{path} is not a vitadapt training checkpoint (no optimizer state / epoch)")
     load_into_model(unwrap(model), state["model_state"], LoadReport(path, "'model_state'"))
     optimizer.load_state_dict(state["optimizer_state"])
-    if scaler is not None and "scaler_state" in state:
+    if scaler is not None and state.get("scaler_state"):  # empty when the run had no fp16 scaling
         scaler.load_state_dict(state["scaler_state"])
     if ema is not None:
         if "ema_state" not in state:
@@ -135,8 +135,11 @@ def resume(path: str, model, optimizer, scaler=None, ema=None, rank: int = 0, wo
 def load_weights(model, path: str, reset_head_on_mismatch: bool = False, prefer_ema: bool = False) -> LoadReport:
     """Loads only the model weights of any supported layout (vitadapt, DeiT, timm, ...) and logs what happened."""
     obj = load_file(path)
-    if prefer_ema and isinstance(obj, dict) and isinstance(obj.get("ema_state"), dict):
-        obj = {"model_state": obj["ema_state"]}
+    if prefer_ema and isinstance(obj, dict):
+        if isinstance(obj.get("ema_state"), dict):
+            obj = {"model_state": obj["ema_state"]}
+        else:
+            logger.warning("%s has no EMA weights; evaluating its model weights", path)
     try:
         sd, where = extract_state_dict(obj, path)
     except CheckpointMismatchError as e:
