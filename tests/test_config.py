@@ -361,3 +361,33 @@ def test_error_messages_are_one_line():
             load_config(DIGITS, opts)
         assert "\n" not in str(info.value)
         assert re.search(r"\w", str(info.value))
+
+
+@pytest.mark.parametrize("key,value", [
+    ("LOG_PERIOD", "0"), ("VIT.PATCH_SIZE", "0"), ("VIT.NUM_HEADS", "0"), ("VIT.DEPTH", "0"),
+    ("VIT.DROP_PATH_RATE", "1.5"), ("VIT.DROP_RATE", "-0.1"), ("AUG.SCALE", "[0.5]"), ("AUG.SCALE", "[0.9,0.2]"),
+    ("MIXUP.PROB", "2.0"), ("TEST.SPLIT", "vall"), ("TEST.SPLIT", "train"), ("BENCHMARK.NUM_REPEATS", "0"),
+    ("BENCHMARK.BATCH_SIZES", "[]"), ("VIT.TOKEN_EXECUTION", "sparse"),
+])
+def test_out_of_range_values_fail_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config("", [key, value])
+
+
+def test_steps_must_rise():
+    with pytest.raises(ConfigError, match="SOLVER.STEPS"):
+        load_config("", ["SOLVER.LR_POLICY", "steps_with_relative_lrs", "SOLVER.STEPS", "[0,30,20]",
+                         "SOLVER.LRS", "[1.0,0.1,0.01]"])
+
+
+def test_mixup_needs_an_even_batch_per_process():
+    with pytest.raises(ConfigError, match="TRAIN.BATCH_SIZE per process"):
+        load_config("", ["MIXUP.ENABLE", "True", "NUM_GPUS", "0", "NUM_PROCS", "2", "TRAIN.BATCH_SIZE", "6"])
+    assert load_config("", ["MIXUP.ENABLE", "True", "NUM_GPUS", "0", "NUM_PROCS", "2", "TRAIN.BATCH_SIZE", "8"])
+
+
+def test_config_differences_names_changed_keys():
+    a = load_config("", [])
+    b = load_config("", ["SOLVER.BASE_LR", "0.1", "VIT.DEPTH", "6", "OUTPUT_DIR", "elsewhere"])
+    assert config_module.config_differences(a, b) == ["OUTPUT_DIR", "SOLVER.BASE_LR", "VIT.DEPTH"]
+    assert config_module.config_differences(a, a.clone()) == []

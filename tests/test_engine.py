@@ -432,3 +432,25 @@ def test_demo_config_short_schedule_learns(tmp_path, run_net):
     assert len(test_rec) == 1 and test_rec[0]["num_images"] == 300
     assert test_rec[0]["top1_acc"] == pytest.approx(val[-1]["top1_acc"], abs=1e-3)
     assert h.ckpt_path(out, 6).is_file() and h.ckpt_path(out, 5).is_file()
+
+
+def test_auto_resume_refuses_the_checkpoint_of_a_differently_configured_run(image_folder, tmp_path, run_net, capsys):
+    out = tmp_path / "out"
+    assert run_net(["--cfg", ""] + h.tiny_opts(image_folder, out, SOLVER__MAX_EPOCH=1, TEST__ENABLE=False)) == 0
+    before = h.sha256(h.ckpt_path(out, 1))
+    # Same OUTPUT_DIR, another learning rate: not a continuation of that run.
+    rc = run_net(["--cfg", ""] + h.tiny_opts(image_folder, out, SOLVER__MAX_EPOCH=2, SOLVER__BASE_LR=0.01,
+                                             TEST__ENABLE=False))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "SOLVER.BASE_LR" in err and "different config" in err
+    assert h.sha256(h.ckpt_path(out, 1)) == before and not h.ckpt_path(out, 2).exists()
+    # Changing only how long it runs is a continuation.
+    assert run_net(["--cfg", ""] + h.tiny_opts(image_folder, out, SOLVER__MAX_EPOCH=2, TEST__ENABLE=False)) == 0
+    assert h.ckpt_path(out, 2).is_file()
+
+
+def test_digits_rejects_too_few_classes(tmp_path, run_net, capsys):
+    rc = run_net(["--cfg", str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "DeiT_Ti_digits.yaml"), "MODEL.NUM_CLASSES", "5",
+                  "SOLVER.MAX_EPOCH", "2", "OUTPUT_DIR", str(tmp_path / "o")])
+    assert rc == 2 and "MODEL.NUM_CLASSES" in capsys.readouterr().err

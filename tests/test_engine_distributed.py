@@ -185,3 +185,17 @@ def test_multi_shard_needs_init_method(image_folder, tmp_path, run_net, capsys):
     rc = run_net(["--cfg", ""] + h.tiny_opts(image_folder, tmp_path / "out", NUM_PROCS=1, NUM_SHARDS=2))
     assert rc != 0
     assert "--init_method" in capsys.readouterr().err
+
+
+def test_batch_of_undecodable_images_on_one_rank_is_skipped_by_every_rank(tmp_path, run_net):
+    """Per-process batch 1: the step whose only image cannot be decoded on one rank is skipped on both, so DDP's
+    collectives stay matched (otherwise gloo aborts on mismatched sizes and NCCL hangs)."""
+    data = h.make_image_folder(tmp_path / "data", train_counts=(3, 2, 2), val_counts=(2, 1, 1))
+    (next((data / "train").iterdir()) / "zz_corrupt.jpg").write_bytes(b"not an image" * 20)
+    out = tmp_path / "out"
+    rc = run_net(["--cfg", ""] + h.tiny_opts(data, out, NUM_PROCS=2, SOLVER__MAX_EPOCH=1, TRAIN__BATCH_SIZE=2,
+                                             TEST__BATCH_SIZE=2, TEST__ENABLE=False))
+    assert rc == 0
+    epoch = [r for r in h.read_stats(out) if r["_type"] == "train_epoch"]
+    assert len(epoch) == 1 and epoch[0]["skipped_images"] == 1
+    assert h.ckpt_path(out, 1).is_file()

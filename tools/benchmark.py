@@ -73,7 +73,7 @@ def make_inputs(cfg, batch: int, use_data: bool) -> torch.Tensor:
 class Subject:
     """One model under test, with its inputs per batch size."""
 
-    def __init__(self, cfg_file: str, opts, use_data: bool, init: str):
+    def __init__(self, cfg_file: str, opts, use_data: bool, init: str, batch_sizes=None):
         self.name = cfg_file
         self.cfg = load_config(cfg_file, opts)
         self.device = select_device(self.cfg)
@@ -84,8 +84,10 @@ class Subject:
         elif init == "sharpened":
             sharpen_(self.model)
         self.params = sum(p.numel() for p in self.model.parameters())
-        largest = make_inputs(self.cfg, max(self.cfg.BENCHMARK.BATCH_SIZES), use_data)
-        self.inputs = {b: largest[:b].to(self.device) for b in self.cfg.BENCHMARK.BATCH_SIZES}
+        batch_sizes = batch_sizes or self.cfg.BENCHMARK.BATCH_SIZES
+        largest = make_inputs(self.cfg, max(batch_sizes), use_data)
+        # (With --data an undecodable image makes a batch smaller; throughput counts the images really run.)
+        self.inputs = {b: largest[:b].to(self.device) for b in batch_sizes}
         self.results = {}
 
     @torch.inference_mode()
@@ -134,7 +136,8 @@ def run(argv=None) -> dict:
     args, opts = parse(argv)
     subjects = [Subject(args.cfg, opts, args.data, args.init)]
     if args.compare:
-        subjects.append(Subject(args.compare, opts, args.data, args.init))
+        # Measured on the first config's BENCHMARK settings, so that both see the same work.
+        subjects.append(Subject(args.compare, opts, args.data, args.init, subjects[0].cfg.BENCHMARK.BATCH_SIZES))
     bench = subjects[0].cfg.BENCHMARK
     if bench.NUM_THREADS > 0:
         torch.set_num_threads(bench.NUM_THREADS)
@@ -149,7 +152,8 @@ def run(argv=None) -> dict:
         samples = {id(s): [] for s in subjects}
         for _ in range(bench.NUM_REPEATS):  # interleaved: A, B, A, B, ...
             for s in subjects:
-                samples[id(s)].append(batch * bench.ITERS_PER_REPEAT / s.timed(batch, bench.ITERS_PER_REPEAT))
+                images = s.inputs[batch].shape[0] * bench.ITERS_PER_REPEAT
+                samples[id(s)].append(images / s.timed(batch, bench.ITERS_PER_REPEAT))
         for s in subjects:
             rates = samples[id(s)]
             s.results[batch] = {"batch": batch, "images_per_s": statistics.median(rates),
