@@ -579,3 +579,22 @@ def test_loss_soft_targets_are_not_smoothed_again():
     labels = torch.tensor([0, 3, 3, 7, 9])
     one_hot = F.one_hot(labels, 10).float()
     assert torch.allclose(loss(logits, one_hot), F.cross_entropy(logits, labels), atol=1e-6)
+
+
+def test_attention_heads_hook_sees_and_changes_per_head_outputs():
+    """A method can gate heads inside attention: zeroing every head leaves only the projection bias."""
+    from vitadapt.models.tokens import TokenAdapter, TokenBatch
+    from vitadapt.models.vit import Block
+
+    class ZeroHeads(TokenAdapter):
+        def attention_heads(self, tokens, heads):
+            self.shape = tuple(heads.shape)
+            return heads * 0
+
+    torch.manual_seed(0)
+    block = Block(48, 3).eval()
+    block.adapter = ZeroHeads()
+    x = torch.randn(2, 5, 48)
+    out, _, _ = block.attn(block.norm1(x), TokenBatch.dense(x), False, block.adapter)
+    assert block.adapter.shape == (2, 3, 5, 16)
+    assert torch.allclose(out, block.attn.proj.bias.expand(2, 5, 48))

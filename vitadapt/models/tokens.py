@@ -148,7 +148,9 @@ class TokenBatch:
 
 
 class TokenAdapter(nn.Module):
-    """What a method plugs into one block of the shared backbone. Each hook takes and returns a TokenBatch.
+    """What a method plugs into one block of the shared backbone: before the block, inside attention (the
+    per-head outputs), between attention and MLP, after the block. The model-level head hook is
+    VisionTransformer.forward_head.
 
     `cls_attention` is the attention row of the CLS query, [B, heads, N], computed on the side from q_cls
     and K (the fused attention kernel does not expose it); a method asks for it by setting
@@ -159,6 +161,10 @@ class TokenAdapter(nn.Module):
 
     def before_block(self, tokens: TokenBatch) -> TokenBatch:
         return tokens
+
+    def attention_heads(self, tokens: TokenBatch, heads: Tensor) -> Tensor:
+        """Inside attention: the per-head outputs [B, heads, N, head_dim] (padded layout) before they are merged."""
+        return heads
 
     def after_attention(self, tokens: TokenBatch, cls_attention: Optional[Tensor],
                         values: Optional[Tensor]) -> TokenBatch:

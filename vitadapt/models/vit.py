@@ -27,8 +27,8 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: Tensor, tokens: TokenBatch, need_cls_attention: bool = False
-                ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    def forward(self, x: Tensor, tokens: TokenBatch, need_cls_attention: bool = False,
+                adapter: Optional[TokenAdapter] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """x: the normed tokens, laid out like tokens.x. Returns (output like x, CLS attention row [B,H,N] or
         None, values [B,H,N,D] or None), the last two in the padded layout."""
         qkv = tokens.padded(self.qkv(x))  # packed tokens: per-token work stays [T, C], attention is per image
@@ -38,6 +38,8 @@ class Attention(nn.Module):
         key_mask = tokens.key_mask()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
                                              dropout_p=self.attn_drop if self.training else 0.0)
+        if adapter is not None:  # e.g. per-image head selection, before the heads are merged
+            out = adapter.attention_heads(tokens, out)
         out = self.proj_drop(self.proj(tokens.unpadded(out.transpose(1, 2).reshape(b, n, c))))
         if not need_cls_attention:
             return out, None, None
@@ -67,7 +69,7 @@ class Block(nn.Module):
             tokens = adapter.before_block(tokens)
         n_attn = tokens.num_live()
         need_cls = adapter is not None and adapter.needs_cls_attention
-        out, cls_attention, values = self.attn(self.norm1(tokens.x), tokens, need_cls)
+        out, cls_attention, values = self.attn(self.norm1(tokens.x), tokens, need_cls, adapter)
         tokens = tokens.add_residual(tokens.drop_path(out, self.drop_path, self.training))
         if adapter is not None:
             tokens = adapter.after_attention(tokens, cls_attention, values)
@@ -146,6 +148,7 @@ class VisionTransformer(nn.Module):
         return tokens.replace(x=self.norm(tokens.x))
 
     def forward_head(self, tokens: TokenBatch) -> Tensor:
+        """The head hook: a method that classifies differently (exits, pooling over kept tokens) overrides this."""
         return self.head(self.head_drop(tokens.cls_tokens()))
 
     def forward(self, images: Tensor) -> Tensor:
