@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import os
 
 import pytest
@@ -76,3 +77,25 @@ def test_visualize_refuses_random_weights(tmp_path, capsys):
     cfg = write_config(tmp_path, "ats", "ATSVisionTransformer")
     rc = load_tool("visualize").main(["--cfg", cfg, "TEST.DATASET", "digits", "OUTPUT_DIR", str(tmp_path / "o")] + TINY)
     assert rc == 2 and "random weights" in capsys.readouterr().err
+
+
+def test_visualize_draws_the_fused_token_of_evit(tmp_path, caplog):
+    root = tmp_path / "data"
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        Image.new("RGB", (80, 80), (10, 200, 90)).save(root / split / "a" / "0.png")
+    cfg = tmp_path / "evit.yaml"
+    cfg.write_text("MODEL:\n  NAME: EViTVisionTransformer\nEVIT:\n  LOCATIONS: [1, 2]\n  KEEP_RATE: 0.5\n")
+    out = tmp_path / "out"
+    with caplog.at_level("INFO", logger="vitadapt.visualize"):
+        rc = load_tool("visualize").main(["--cfg", str(cfg), "--init", "sharpened", "--num-images", "1",
+                                          "DATA.PATH_TO_DATA_DIR", str(root), "OUTPUT_DIR", str(out)] + TINY)
+    assert rc == 0 and (out / "visualization" / "image_0000.png").is_file()
+    # 64 patches -> CLS + 32 kept + 1 fused after block 1; then ceil(0.5 * 33) = 17 of the 33 (the old fused
+    # token may be among them) + a new fused token after block 2. Counts include CLS, not the fused token.
+    assert "1: 33 + 1 fused" in caplog.text
+    assert re.search(r"2: 1[78] \+ 1 fused", caplog.text)
+    image = torch.from_numpy(__import__("numpy").asarray(Image.open(out / "visualization" / "image_0000.png")))
+    width = image.shape[1] // 3
+    last_panel = image[:, 2 * width:].reshape(-1, 3).float()
+    assert (last_panel[:, 2] > last_panel[:, 0] + 60).any()  # fused patches are tinted blue

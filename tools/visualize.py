@@ -4,7 +4,8 @@
 Weights: TEST.CHECKPOINT_FILE_PATH, else the newest checkpoint in OUTPUT_DIR (as the test job chooses), or
 `--init sharpened` for synthetic peaked-attention weights. Images: the first --num-images of TEST.SPLIT.
 Output: OUTPUT_DIR/visualization/image_XXXX.png, one row per image: the input, then the input after every
-block where the kept set changed, dropped patches greyed out, with the kept count in the file's log line.
+block where the kept set changed, dropped patches greyed out (tinted blue where they were fused into one
+token, EViT), with the kept count in the file's log line.
 """
 
 import argparse
@@ -22,6 +23,7 @@ from vitadapt.datasets import DataError, build_dataset  # noqa: E402
 from vitadapt.engine.trainer import test_checkpoint  # noqa: E402
 from vitadapt.models import build_model  # noqa: E402
 from vitadapt.models.convert import CheckpointMismatchError  # noqa: E402
+from vitadapt.models.evit import FUSED_ID  # noqa: E402
 from vitadapt.models.synthetic import sharpen_  # noqa: E402
 from vitadapt.utils.checkpoint import CheckpointError, load_weights  # noqa: E402
 
@@ -40,15 +42,18 @@ def render(image: torch.Tensor, ids_per_block, grid, patch: int):
     """The image, then one panel per block whose kept set changed (dropped patches grey)."""
     panels, previous, changes = [image], None, []
     for block, ids in enumerate(ids_per_block):
-        kept = set(ids.tolist()) - {-1}
+        kept = set(ids.tolist()) - {-1}  # original ids of the live tokens (-1: no token in this slot)
         if kept == previous:
             continue
         previous = kept
         if len(kept) == grid[0] * grid[1] + 1 and block < len(ids_per_block) - 1:
             continue  # nothing dropped yet
         mask = kept_patch_mask(ids, grid, patch)
-        panels.append(torch.where(mask, image, 0.5 + 0.2 * (image - 0.5)))  # dropped: faded to grey
-        changes.append((block, len(kept)))
+        fused = FUSED_ID in kept
+        # Dropped patches fade to grey; with a fused token (EViT) they live on in it, so they fade to blue instead.
+        background = torch.tensor([0.25, 0.35, 0.75] if fused else [0.5, 0.5, 0.5])[:, None, None]
+        panels.append(torch.where(mask, image, background + 0.2 * (image - 0.5)))
+        changes.append((block, f"{len(kept - {FUSED_ID})}" + (" + 1 fused" if fused else "")))
     return panels, changes
 
 

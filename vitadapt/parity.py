@@ -90,14 +90,55 @@ def check_ats(golden: dict) -> List[Comparison]:
     return out
 
 
+@torch.no_grad()
+def check_evit(golden: dict) -> List[Comparison]:
+    from vitadapt.models.evit import FUSED_ID, keep_rate_at, official_to_config_opts
+
+    inter = golden["intermediates"]
+    model = _official_model(official_to_config_opts(golden["config"]), golden["state_dict"], "packed")
+    images = golden["input"]
+    out = [compare_float("logits", model(images), golden["logits"])]
+    counts = model.last_token_counts[0, :, 1] - 1  # non-CLS tokens after each block's reduction
+    out.append(compare_exact("tokens left after each block", counts.tolist(), list(inter["left_tokens"])))
+    for block, r in zip(model.locations, model.reorganizers()):
+        out.append(compare_exact(f"kept ids, block {block} (official order)", r.last_index, inter["idx"][block]))
+        if block in inter.get("fused_token", {}):
+            out.append(compare_float(f"fused token, block {block}", r.last_fused, inter["fused_token"][block]))
+    # Original patch of every kept token (-1: the fused token), through the token ids the container carries.
+    model.trace_token_ids = True
+    model(images)
+    for block in model.locations:
+        ids = model.last_token_ids[block][:, 1:]
+        ids = ids[:, : inter["provenance_idx"][block].shape[1]]
+        provenance = torch.where(ids > 0, ids - 1, torch.where(ids == FUSED_ID, -1, ids))
+        out.append(compare_exact(f"kept original patches, block {block}", provenance, inter["provenance_idx"][block]))
+    model.trace_token_ids = False
+    model.set_keep_rate(inter["keep_rate_override"])
+    out.append(compare_float(f"logits, runtime keep rate {inter['keep_rate_override']}", model(images),
+                             inter["logits_keep_rate_override"]))
+    out.append(compare_exact("tokens left, runtime keep rate", (model.last_token_counts[0, :, 1] - 1).tolist(),
+                             list(inter["left_tokens_keep_rate_override"])))
+    model.set_keep_rate(1.0)
+    out.append(compare_float("logits, runtime keep rate 1 (no reduction)", model(images), inter["logits_keep_rate_1"]))
+    a = golden["schedule"]["args"]
+    rows = torch.tensor([r[2] for r in golden["schedule"]["rows"]], dtype=torch.float64)
+    mine = torch.tensor([keep_rate_at(e, it, a["iters_per_epoch"], a["base_keep_rate"], a["shrink_start_epoch"],
+                                      a["shrink_epochs"]) for e, it, _ in golden["schedule"]["rows"]],
+                        dtype=torch.float64)
+    out.append(compare_float(f"keep-rate warm-up schedule ({len(rows)} rows)", mine, rows, atol=1e-12))
+    return out
+
+
 # Which method a golden file belongs to, from its official constructor arguments.
-PARITY_CHECKS: Dict[str, Callable[[dict], List[Comparison]]] = {"ats": check_ats}
+PARITY_CHECKS: Dict[str, Callable[[dict], List[Comparison]]] = {"ats": check_ats, "evit": check_evit}
 
 
 def detect_method(golden: dict) -> str:
     config = golden.get("config", {})
     if "ats_blocks" in config:
         return "ats"
+    if "fuse_token" in config.get("ctor", {}):
+        return "evit"
     raise ValueError("cannot tell which method this golden file is for (no known constructor arguments in 'config'); "
                      f"vitadapt has parity checks for: {sorted(PARITY_CHECKS)}")
 

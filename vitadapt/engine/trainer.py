@@ -57,10 +57,12 @@ class EMAUpdate(Hook):
 
 
 class ModelSchedule(Hook):
-    """Lets a method follow training progress (e.g. a keep-rate warm-up) through `model.set_progress(epoch)`."""
+    """Lets a method follow training progress (e.g. a keep-rate warm-up) through
+    `model.set_progress(epoch, global iteration, iterations per epoch)`."""
 
     def before_step(self, trainer, epoch):
-        cu.unwrap(trainer.model).set_progress(epoch)
+        iters = len(trainer.train_loader)
+        cu.unwrap(trainer.model).set_progress(int(epoch), round(epoch * iters), iters)
 
 
 def select_device(cfg) -> torch.device:
@@ -276,6 +278,9 @@ class Trainer:
         stats = {"_type": "train_epoch", "epoch": epoch + 1, "loss": sums[1].item() / n,
                  "top1_acc": 100.0 * sums[2].item() / n, "lr": self.lr, "skipped_images": int(sums[3].item()),
                  "epoch_time_s": time.perf_counter() - start}
+        keep_rate = getattr(cu.unwrap(model), "current_keep_rate", None)
+        if keep_rate is not None:
+            stats["keep_rate"] = keep_rate
         if stats["skipped_images"]:
             logger.warning("epoch %d: skipped %d undecodable image(s)", epoch + 1, stats["skipped_images"])
         if du.is_master():
@@ -294,8 +299,11 @@ class Trainer:
         elapsed = time.perf_counter() - start
         per_iter = elapsed / (it + 1)
         remaining = per_iter * ((iters - it - 1) + (self.cfg.SOLVER.MAX_EPOCH - epoch - 1) * iters)
-        logger.info("epoch %d/%d iter %d/%d loss %.4f lr %.3e %.3fs/iter eta %s", epoch + 1, self.cfg.SOLVER.MAX_EPOCH,
-                    it + 1, iters, loss, self.lr, per_iter, timedelta(seconds=int(remaining)))
+        keep_rate = getattr(cu.unwrap(self.model), "current_keep_rate", None)
+        logger.info("epoch %d/%d iter %d/%d loss %.4f lr %.3e %s%.3fs/iter eta %s", epoch + 1,
+                    self.cfg.SOLVER.MAX_EPOCH, it + 1, iters, loss, self.lr,
+                    "" if keep_rate is None else f"keep_rate {keep_rate:.4f} ", per_iter,
+                    timedelta(seconds=int(remaining)))
         if du.is_master():
             self.scalars({"_type": "train", "loss": loss, "lr": self.lr}, self.global_step)
 

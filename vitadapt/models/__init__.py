@@ -2,5 +2,6 @@ from .build import MODEL_REGISTRY, build_model
 from .tokens import TokenAdapter, TokenBatch
 from .vit import VisionTransformer
 from .ats import ATSVisionTransformer  # noqa: E402  (registers the model and the ATS config node)
+from .evit import EViTVisionTransformer  # noqa: E402  (registers the model and the EVIT config node)
 
-__all__ = ["MODEL_REGISTRY", "build_model", "TokenAdapter", "TokenBatch", "VisionTransformer", "ATSVisionTransformer"]
+__all__ = ["MODEL_REGISTRY", "build_model", "TokenAdapter", "TokenBatch", "VisionTransformer", "ATSVisionTransformer", "EViTVisionTransformer"]
