@@ -62,3 +62,14 @@ def _reset_vitadapt_logging():
         vlog._json_log_path = None
     except ImportError:
         pass
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch for the module (golden comparisons, as recorded)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers_e2e import load_golden_or_skip
 import torch
 import torch.nn.functional as F
 
@@ -26,19 +27,12 @@ ATOL = 1e-5
 EXECUTIONS = ("packed", "masked")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the goldens were recorded single-threaded
 
 
 @pytest.fixture(scope="module")
 def golden_dev():
-    if not H.GOLDEN_DEV.is_file():
-        pytest.skip(H.NO_GOLDEN_REASON)
-    return torch.load(H.GOLDEN_DEV, map_location="cpu", weights_only=True)
+    return load_golden_or_skip(H.GOLDEN_DEV)
 
 
 def _images(batch, size=112, seed=0):

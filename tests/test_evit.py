@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers_e2e import load_golden_or_skip
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -31,19 +32,12 @@ TINY = ["MODEL.NAME", "EViTVisionTransformer", "MODEL.NUM_CLASSES", "10", "NUM_G
         "DATA.TEST_CROP_SIZE", "32", "EVIT.LOCATIONS", "[1,2]"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the goldens were recorded single-threaded
 
 
 @pytest.fixture(scope="module")
 def golden_dev():
-    if not H.GOLDEN_DEV.is_file():
-        pytest.skip(H.NO_GOLDEN_REASON)
-    return torch.load(H.GOLDEN_DEV, map_location="cpu", weights_only=True)
+    return load_golden_or_skip(H.GOLDEN_DEV)
 
 
 def _model(config, sd, extra=()):
