@@ -24,14 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from vitadapt.config import ConfigError, load_config  # noqa: E402
-from vitadapt.datasets import DataError, build_dataset  # noqa: E402
+from vitadapt.config import load_config  # noqa: E402
+from vitadapt.datasets import build_dataset  # noqa: E402
+from vitadapt.errors import VitadaptError  # noqa: E402
 from vitadapt.engine.trainer import amp_dtype, select_device  # noqa: E402
 from vitadapt.models import build_model  # noqa: E402
-from vitadapt.models.convert import CheckpointMismatchError  # noqa: E402
 from vitadapt.models.flops import fvcore_macs, vit_macs  # noqa: E402
 from vitadapt.models.synthetic import sharpen_  # noqa: E402
-from vitadapt.utils.checkpoint import CheckpointError, load_weights  # noqa: E402
+from vitadapt.utils.checkpoint import load_weights  # noqa: E402
 
 
 def parse(argv=None):
@@ -194,7 +194,7 @@ def print_table(report: dict) -> None:
 def main(argv=None) -> int:
     try:
         run(argv)
-    except (ConfigError, CheckpointError, CheckpointMismatchError, DataError) as e:
+    except VitadaptError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -8,10 +8,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vitadapt.config import ConfigError, load_config, parse_args  # noqa: E402
-from vitadapt.datasets import DataError  # noqa: E402
-from vitadapt.engine import TrainingDiverged, WorkerError, launch_job, test, train  # noqa: E402
-from vitadapt.models.convert import CheckpointMismatchError  # noqa: E402
-from vitadapt.utils.checkpoint import CheckpointError  # noqa: E402
+from vitadapt.engine import launch_job, test, train  # noqa: E402
+from vitadapt.errors import VitadaptError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -24,8 +22,7 @@ def main(argv=None) -> int:
             launch_job(cfg, train, args.init_method)
         if cfg.TEST.ENABLE:
             launch_job(cfg, test, args.init_method)
-    except (ConfigError, CheckpointError, CheckpointMismatchError, DataError, TrainingDiverged,
-            WorkerError) as e:
+    except VitadaptError as e:
         logging.getLogger("vitadapt").error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         return 2

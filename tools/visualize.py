@@ -18,14 +18,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
-from vitadapt.config import ConfigError, load_config  # noqa: E402
-from vitadapt.datasets import DataError, build_dataset  # noqa: E402
+from vitadapt.config import load_config  # noqa: E402
+from vitadapt.datasets import build_dataset  # noqa: E402
+from vitadapt.errors import VitadaptError  # noqa: E402
 from vitadapt.engine.trainer import test_checkpoint  # noqa: E402
 from vitadapt.models import build_model  # noqa: E402
-from vitadapt.models.convert import CheckpointMismatchError  # noqa: E402
 from vitadapt.models.evit import FUSED_ID  # noqa: E402
 from vitadapt.models.synthetic import sharpen_  # noqa: E402
-from vitadapt.utils.checkpoint import CheckpointError, load_weights  # noqa: E402
+from vitadapt.utils.checkpoint import load_weights  # noqa: E402
 
 logger = logging.getLogger("vitadapt.visualize")
 
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
             load_weights(model, test_checkpoint(cfg))
         dataset = build_dataset(cfg.TEST.DATASET, cfg, cfg.TEST.SPLIT)
         items = [dataset[i] for i in range(min(args.num_images, len(dataset)))]
-    except (ConfigError, CheckpointError, CheckpointMismatchError, DataError) as e:
+    except VitadaptError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     images = torch.stack([it[0] for it in items if it is not None])

@@ -13,13 +13,15 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 from fvcore.common.config import CfgNode
 from iopath.common.file_io import g_pathmgr
 
+from vitadapt.errors import VitadaptError
+
 from .defaults import get_defaults
 
 __all__ = ["CfgNode", "ConfigError", "config_differences", "RESUMABLE_CHANGES", "get_cfg", "load_config", "register_config", "validate",
            "check_paths", "parse_args", "world_size"]
 
 
-class ConfigError(ValueError):
+class ConfigError(VitadaptError, ValueError):
     """A config value is unknown, of the wrong type, inconsistent or points to a missing file."""
 
 
@@ -46,7 +48,7 @@ def get_cfg() -> CfgNode:
     return cfg
 
 
-def _coerce(default, value, key: str):
+def _coerce(default, value):
     """yacs refuses `BASE_LR 3` for a float key; accept ints there, and name the key on any mismatch."""
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -66,7 +68,7 @@ def _coerce_tree(default: CfgNode, loaded: dict, prefix: str = "") -> None:
                 raise ConfigError(f"config key '{full}' is a value, not a node")
             _coerce_tree(default[key], value, full + ".")
         else:
-            loaded[key] = _coerce(default[key], value, full)
+            loaded[key] = _coerce(default[key], value)
 
 
 def _merge(cfg: CfgNode, other: CfgNode) -> None:
@@ -99,7 +101,7 @@ def merge_opts(cfg: CfgNode, opts: Sequence[str]) -> None:
         leaf = key.split(".")[-1]
         if leaf not in target:
             raise ConfigError(f"unknown config key '{key}'")
-        value = _coerce(target[leaf], CfgNode._decode_cfg_value(raw), key)
+        value = _coerce(target[leaf], CfgNode._decode_cfg_value(raw))
         tree: dict = {leaf: value}
         for part in reversed(key.split(".")[:-1]):
             tree = {part: tree}
@@ -151,8 +153,8 @@ def validate(cfg: CfgNode) -> None:
              f"DIST_BACKEND must be auto, nccl or gloo, got '{cfg.DIST_BACKEND}'")
     _require(not (cfg.NUM_GPUS == 0 and cfg.DIST_BACKEND == "nccl"), "DIST_BACKEND nccl needs NUM_GPUS > 0")
     world = world_size(cfg)
-    for key in ("TRAIN.BATCH_SIZE", "TEST.BATCH_SIZE"):
-        batch = cfg.TRAIN.BATCH_SIZE if key.startswith("TRAIN") else cfg.TEST.BATCH_SIZE
+    for node in ("TRAIN", "TEST"):
+        key, batch = f"{node}.BATCH_SIZE", cfg[node].BATCH_SIZE
         _require(batch >= 1, f"{key} must be >= 1, got {batch}")
         _require(batch % world == 0,
                  f"{key} ({batch}) is the global batch and must be divisible by the number of processes ({world})")
@@ -161,8 +163,8 @@ def validate(cfg: CfgNode) -> None:
              f"choose one of {sorted(k for k, _ in MODEL_REGISTRY)}")
     _require(cfg.MODEL.LOSS_FUNC in LOSS_REGISTRY, f"MODEL.LOSS_FUNC '{cfg.MODEL.LOSS_FUNC}' is not a registered "
              f"loss; choose one of {sorted(k for k, _ in LOSS_REGISTRY)}")
-    for key in ("TRAIN.DATASET", "TEST.DATASET"):
-        name = cfg.TRAIN.DATASET if key.startswith("TRAIN") else cfg.TEST.DATASET
+    for node in ("TRAIN", "TEST"):
+        key, name = f"{node}.DATASET", cfg[node].DATASET
         _require(name in DATASET_REGISTRY, f"{key} '{name}' is not a registered data set; "
                  f"choose one of {sorted(k for k, _ in DATASET_REGISTRY)}")
     _require(cfg.MODEL.NUM_CLASSES >= 1, f"MODEL.NUM_CLASSES must be >= 1, got {cfg.MODEL.NUM_CLASSES}")

@@ -12,6 +12,8 @@ import os
 from iopath.common.file_io import g_pathmgr
 from PIL import Image, UnidentifiedImageError
 
+from vitadapt.errors import VitadaptError
+
 from .build import register_dataset
 from .transforms import build_transform
 
@@ -20,7 +22,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class DataError(RuntimeError):
+class DataError(VitadaptError, RuntimeError):
     """A data set folder or file is missing or malformed."""
 
 

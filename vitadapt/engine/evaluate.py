@@ -49,22 +49,21 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
     n = max(sums[0].item(), 1.0)
     stats = {"num_images": int(sums[0].item()), "top1_acc": 100.0 * sums[1].item() / n,
              "top5_acc": 100.0 * sums[2].item() / n, "loss": sums[3].item() / n, "skipped_images": int(sums[4].item())}
-    gathered = [m for part in du.all_gather_objects(macs) for m in part]  # every rank calls the collective
-    all_macs = torch.cat(gathered) if gathered else None
-    if all_macs is not None and all_macs.numel():
+    # One collective for every per-image record (every rank calls it, even with nothing to send).
+    ranks = du.all_gather_objects((macs, counts, predictions))
+    macs, counts, predictions = ([part for rank in ranks for part in rank[k]] for k in range(3))
+    if macs:
+        all_macs = torch.cat(macs)
         stats.update(gmacs_mean=all_macs.mean().item() / 1e9, gmacs_p50=all_macs.quantile(0.5).item() / 1e9,
                      gmacs_p95=all_macs.quantile(0.95).item() / 1e9)
-    gathered = [c for part in du.all_gather_objects(counts) for c in part]
-    if gathered:
-        tokens = torch.cat(gathered).double()  # kept tokens per block (CLS included), over every image
+    if counts:
+        tokens = torch.cat(counts).double()  # kept tokens per block (CLS included), over every image
         stats.update(tokens_per_block_mean=[round(t, 3) for t in tokens.mean(0).tolist()],
                      tokens_per_block_min=[int(t) for t in tokens.min(0).values.tolist()],
                      tokens_per_block_max=[int(t) for t in tokens.max(0).values.tolist()])
-    if keep_predictions:
-        parts = [p for rank_parts in du.all_gather_objects(predictions) for p in rank_parts]
-        if parts:
-            index = torch.cat([p[0] for p in parts])
-            order = index.argsort()
-            stats["predictions"] = {"index": index[order], "logits": torch.cat([p[1] for p in parts])[order],
-                                    "labels": torch.cat([p[2] for p in parts])[order]}
+    if keep_predictions and predictions:
+        index = torch.cat([p[0] for p in predictions])
+        order = index.argsort()
+        stats["predictions"] = {"index": index[order], "logits": torch.cat([p[1] for p in predictions])[order],
+                                "labels": torch.cat([p[2] for p in predictions])[order]}
     return stats

@@ -13,10 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vitadapt.config import ConfigError, world_size
+from vitadapt.errors import VitadaptError
 from vitadapt.utils import distributed as du
 
 
-class WorkerError(RuntimeError):
+class WorkerError(VitadaptError, RuntimeError):
     """A spawned worker failed; the message is the worker's own error line."""
 
 
@@ -57,10 +58,7 @@ def launch_job(cfg, func, init_method: str = ""):
                              int(os.environ["RANK"]), world)
     procs = cfg.NUM_GPUS if cfg.NUM_GPUS > 0 else cfg.NUM_PROCS
     if world_size(cfg) == 1:
-        if cfg.NUM_GPUS > 0 and not torch.cuda.is_available():
-            raise ConfigError(f"NUM_GPUS is {cfg.NUM_GPUS} but CUDA is not available here; set NUM_GPUS 0 to run "
-                              "on the CPU")
-        return func(cfg)
+        return func(cfg)  # the job's select_device reports a missing GPU
     if not init_method:
         if cfg.NUM_SHARDS > 1:
             raise ConfigError("NUM_SHARDS > 1 needs --init_method tcp://<address of shard 0>:<port> on every machine")

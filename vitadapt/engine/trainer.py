@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vitadapt.config import RESUMABLE_CHANGES, CfgNode, ConfigError, config_differences
 from vitadapt.datasets import construct_loader
+from vitadapt.errors import VitadaptError
 from vitadapt.losses import build_loss
 from vitadapt.models import build_model
 from vitadapt.models.flops import vit_macs
@@ -30,7 +31,7 @@ from .evaluate import evaluate, topk_correct
 logger = logging.getLogger(__name__)
 
 
-class TrainingDiverged(FloatingPointError):
+class TrainingDiverged(VitadaptError, FloatingPointError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
 
 

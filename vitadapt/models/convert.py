@@ -13,11 +13,13 @@ from typing import Dict, List, Mapping, Tuple
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
+from vitadapt.errors import VitadaptError
+
 WEIGHT_CONTAINERS = ("model_state", "model", "state_dict", "state_dict_ema", "model_ema")
 HEAD_KEYS = ("head.weight", "head.bias")
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(VitadaptError, RuntimeError):
     """The checkpoint's weights do not fit the model."""
 
 

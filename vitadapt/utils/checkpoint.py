@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from iopath.common.file_io import g_pathmgr
 
+from vitadapt.errors import VitadaptError
 from vitadapt.models.convert import CheckpointMismatchError, LoadReport, extract_state_dict, load_into_model
 
 logger = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint_epoch_(\d{5})\.pyth$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(VitadaptError, RuntimeError):
     """A checkpoint file cannot be read."""
 
 
