@@ -16,6 +16,10 @@ from vitadapt.models import build_model
 from vitadapt.models.convert import LoadReport, load_into_model
 
 FLOAT_ATOL = 1e-4
+# Stricter where a golden README asks for it (A-ViT: outputs 1e-5, losses 1e-6, gradients 1e-4 of their scale).
+OUTPUT_ATOL = 1e-5
+LOSS_ATOL = 1e-6
+GRAD_RTOL = 1e-4
 
 
 @dataclass
@@ -129,8 +133,78 @@ def check_evit(golden: dict) -> List[Comparison]:
     return out
 
 
+def compare_gradients(name: str, grads: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor],
+                      ref_none: List[str], rtol: float = GRAD_RTOL) -> List[Comparison]:
+    """Every parameter's gradient within rtol of the largest reference gradient of that loss; the parameters the
+    official code leaves without gradient must get none (or exactly zero) here too."""
+    scale = max(g.abs().max().item() for g in ref.values())
+    worst = max((grads[k] - g).abs().max().item() for k, g in ref.items()) if set(ref) <= set(grads) else float("inf")
+    leaked = [k for k in ref_none if k in grads and bool(grads[k].abs().max() > 0)]
+    return [Comparison(f"{name} gradients, {len(ref)} parameters (max |diff| / max |grad| = {worst / scale:.2g})",
+                       worst, worst <= rtol * scale),
+            Comparison(f"{name}: no gradient to the {len(ref_none)} parameters the official code leaves out"
+                       + (f" (got one: {', '.join(leaked)})" if leaked else ""), float(len(leaked)), not leaked)]
+
+
+def check_avit(golden: dict) -> List[Comparison]:
+    import torch.nn.functional as F
+
+    from vitadapt.models.avit import official_to_config_opts, prior_target
+
+    opts = official_to_config_opts(golden["config"])
+    images, labels, train = golden["input"], golden["labels"], golden["train"]
+    out: List[Comparison] = []
+    for execution in ("masked", "packed"):
+        model = _official_model(opts, golden["state_dict"], execution)
+        model.trace_token_ids = True
+        with torch.no_grad():
+            features = model.forward_features(images)
+            logits = model.forward_head(features)
+        tag = f"[{execution}]"
+        out.append(compare_float(f"{tag} logits", logits, golden["logits"], atol=OUTPUT_ATOL))
+        out.append(compare_float(f"{tag} ACT output after the final norm", features.x, golden["output_post_norm"],
+                                 atol=OUTPUT_ATOL))
+        out.append(compare_exact(f"{tag} per-token depth", model.last_depth, golden["counter_token"]))
+        out.append(compare_float(f"{tag} rho (depth + remainder)", model.last_rho, golden["rho_token"], atol=OUTPUT_ATOL))
+        # Halting masks: which tokens really ran each block (packed: the tokens left in the batch).
+        running = torch.zeros_like(golden["mask_in"])
+        running[:, 0] = 1
+        for block, ids in enumerate(model.last_token_ids[:-1]):
+            valid = ids >= 0
+            rows = torch.arange(ids.shape[0])[:, None].expand_as(ids)[valid]
+            running[rows, block + 1, ids[valid]] = 1
+        out.append(compare_exact(f"{tag} halting masks (tokens entering each block)", running, golden["mask_in"]))
+        tokens_per_block = features.counts_per_block()[..., 0].to(golden["active_tokens_per_layer"].dtype)
+        out.append(compare_exact(f"{tag} live tokens per block", tokens_per_block, golden["active_tokens_per_layer"]))
+
+        target = prior_target(len(model.blocks), model.prior_target_depth, official=True)
+        out.append(compare_float(f"{tag} prior target", target, golden["distr_target"], atol=1e-7))
+        model.train()  # every drop rate is 0: train mode only switches the losses on
+        logits = model(images)
+        ce = F.cross_entropy(logits, labels)
+        aux = model.auxiliary_losses()
+        prior = aux.get("halting_prior", torch.zeros(()))
+        out.append(compare_float(f"{tag} train logits", logits, train["logits_train"], atol=OUTPUT_ATOL))
+        out.append(compare_float(f"{tag} CE", ce, train["base_ce"], atol=LOSS_ATOL))
+        out.append(compare_float(f"{tag} ponder loss", aux["ponder"], train["ponder_loss"], atol=LOSS_ATOL))
+        out.append(compare_float(f"{tag} per-block halting scores", model.last_halting_scores,
+                                 train["halting_score_layer"], atol=LOSS_ATOL))
+        out.append(compare_float(f"{tag} prior loss", model.halting_prior(model.last_halting_scores),
+                                 train["distr_prior_loss"], atol=LOSS_ATOL))
+        out.append(compare_exact(f"{tag} prior added", "halting_prior" in aux, bool(train["distr_prior_loss_added"])))
+        total = ce + sum(aux.values())
+        out.append(compare_float(f"{tag} total loss", total, train["total_loss"], atol=LOSS_ATOL))
+        names, params = zip(*model.named_parameters())
+        for name, loss in (("total", total), ("ponder", aux["ponder"]), ("distr", prior)):
+            grads = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+            grads = {k: torch.zeros_like(p) if g is None else g for k, p, g in zip(names, params, grads)}
+            out += compare_gradients(f"{tag} {name}", grads, golden["grads"][name], golden["grads"][name + "_none"])
+    return out
+
+
 # Which method a golden file belongs to, from its official constructor arguments.
-PARITY_CHECKS: Dict[str, Callable[[dict], List[Comparison]]] = {"ats": check_ats, "evit": check_evit}
+PARITY_CHECKS: Dict[str, Callable[[dict], List[Comparison]]] = {"ats": check_ats, "evit": check_evit,
+                                                                "avit": check_avit}
 
 
 def detect_method(golden: dict) -> str:
@@ -139,6 +213,8 @@ def detect_method(golden: dict) -> str:
         return "ats"
     if "fuse_token" in config.get("ctor", {}):
         return "evit"
+    if "gate_scale" in config.get("args", {}):
+        return "avit"
     raise ValueError("cannot tell which method this golden file is for (no known constructor arguments in 'config'); "
                      f"vitadapt has parity checks for: {sorted(PARITY_CHECKS)}")
 

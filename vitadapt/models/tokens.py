@@ -158,6 +158,8 @@ class TokenAdapter(nn.Module):
     """
 
     needs_cls_attention: bool = False
+    # Set to receive the keys and values of every attention call (`observe_attention`).
+    observes_attention: bool = False
 
     def before_block(self, tokens: TokenBatch) -> TokenBatch:
         return tokens
@@ -165,6 +167,10 @@ class TokenAdapter(nn.Module):
     def attention_heads(self, tokens: TokenBatch, heads: Tensor) -> Tensor:
         """Inside attention: the per-head outputs [B, heads, N, head_dim] (padded layout) before they are merged."""
         return heads
+
+    def observe_attention(self, tokens: TokenBatch, keys: Tensor, values: Tensor, key_mask: Optional[Tensor]) -> None:
+        """Inside attention: keys and values [B, heads, N, head_dim] (padded layout) and the key mask given to
+        attention ([B, 1, 1, N] bool or None), for a method that runs extra queries over the same keys."""
 
     def after_attention(self, tokens: TokenBatch, cls_attention: Optional[Tensor],
                         values: Optional[Tensor]) -> TokenBatch:

@@ -40,6 +40,8 @@ class Attention(nn.Module):
                                              dropout_p=self.attn_drop if self.training else 0.0)
         if adapter is not None:  # e.g. per-image head selection, before the heads are merged
             out = adapter.attention_heads(tokens, out)
+            if adapter.observes_attention:
+                adapter.observe_attention(tokens, k, v, key_mask)
         out = self.proj_drop(self.proj(tokens.unpadded(out.transpose(1, 2).reshape(b, n, c))))
         if not need_cls_attention:
             return out, None, None

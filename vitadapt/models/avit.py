@@ -1,0 +1,334 @@
+"""A-ViT, adaptive token halting (Yin et al., CVPR 2022), on the shared backbone.
+
+After every block each live token k gets a halting score h = sigmoid(GATE_SCALE * y[0] - GATE_CENTER) from
+channel 0 of its block output y (residual included; there are no extra parameters). Its cumulative score c
+grows by h, and once c > 1 - HALTING_EPS the token halts: it has run N_k blocks (its depth) and leaves. The
+last block halts every token. A token's feature is the ACT mixture sum_{l<N_k} h_l y_l + R_k y_{N_k} with the
+remainder R_k = 1 - sum_{l<N_k} h_l; the classifier reads the CLS token's mixture (CLS halts too).
+
+The official code keeps halted tokens in the tensor (zeroed, masked as keys), so it costs as much as DeiT.
+Here a halted token leaves the TokenBatch: masked execution marks it (the official computation, the parity
+reference), packed execution removes it, so later blocks run on live tokens only and an image whose tokens
+halt early costs fewer MACs and less time, whatever its batch-mates do.
+
+Training losses (`auxiliary_losses`, added to the task loss by the trainer):
+* ponder = PONDER_WEIGHT * mean over all tokens (CLS included) of rho_k = N_k + R_k; its gradient flows
+  through the remainders only.
+* prior = PRIOR_WEIGHT * KL(target || q), q the per-block halting scores normalised to sum 1 and clamped to
+  [0.01, 0.99]; the target is N(arange(depth); PRIOR_TARGET_DEPTH, 1). KLDivLoss 'batchmean' on a 1-D input
+  divides by the depth.
+
+AVIT.OFFICIAL_PRIOR True (the default) reproduces the official prior with its quirks:
+* the per-block score is mean(h[1:]), which slices the *batch* (NVlabs/A-ViT#4): every image but the first,
+  every token, CLS and halted tokens included. A one-image batch gives NaN, and the prior is skipped.
+* A halted token's h comes from the output the official code still computes for it: its zeroed row attends,
+  with the bias-only query, to the live keys, and the MLP sees a zero input. That output is the same for all
+  halted tokens of an image, so vitadapt computes it once per image (`halted_token_output`), with the same
+  gradients: the official zeroing goes through `.data`, so gradients reach the token's last real output
+  through the residual. Stochastic depth and dropout are not applied to it.
+* The target is scaled so that its first PRIOR_TARGET_DEPTH entries sum to 0.98: at depth 12 and target 8 it
+  sums to 3.26, not 1.
+* The prior is added only when it is > 0.
+AVIT.OFFICIAL_PRIOR False is the corrected prior: the mean over the patch tokens of every image (a halted
+token counts 0), a target normalised to 1, always added.
+"""
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vitadapt.config import ConfigError, register_config
+
+from .build import MODEL_REGISTRY
+from .tokens import TokenAdapter, TokenBatch
+from .vit import Block, VisionTransformer, vit_kwargs
+
+logger = logging.getLogger(__name__)
+
+# Official target recipe: the first `target_depth` entries of the unnormalised target sum to 1 - 0.02.
+OFFICIAL_PRIOR_BUFFER = 0.02
+PRIOR_CLAMP = (0.01, 0.99)
+
+
+def prior_target(depth: int, target_depth: int, official: bool) -> Tensor:
+    """The halting-score target over `depth` blocks: a unit Gaussian around `target_depth` (0-based index)."""
+    x = torch.arange(depth, dtype=torch.float64)
+    pdf = torch.exp(-0.5 * (x - target_depth) ** 2) / math.sqrt(2 * math.pi)
+    scale = (1.0 - OFFICIAL_PRIOR_BUFFER) / pdf[:target_depth].sum() if official else 1.0 / pdf.sum()
+    return (pdf * scale).float()
+
+
+class KeyValueTap(TokenAdapter):
+    """Keeps the keys and values of its block's attention while the official prior needs them."""
+
+    def __init__(self):
+        super().__init__()
+        self.recorded = None
+
+    def observe_attention(self, tokens, keys, values, key_mask):
+        self.recorded = (keys, values, key_mask)
+
+
+def halted_token_output(block: Block, keys: Optional[Tensor], values: Optional[Tensor],
+                        key_mask: Optional[Tensor], batch_size: int) -> Tensor:
+    """[B, C] the block output the official code computes for a halted token of each image (see the module
+    docstring). keys/values [B, H, N, D] and key_mask as attention saw them; keys None: no live token at all."""
+    attn = block.attn
+    dim = attn.proj.in_features
+    bias = attn.qkv.bias if attn.qkv.bias is not None else attn.qkv.weight.new_zeros(3 * dim)
+    value_bias = bias[2 * dim:].expand(batch_size, dim)
+    if keys is None:
+        mixed = value_bias  # every key masked alike: uniform attention over identical bias-only values
+    else:
+        query = bias[:dim].view(attn.num_heads, -1)
+        scores = torch.einsum("hd,bhnd->bhn", query, keys) * attn.scale
+        if key_mask is not None:
+            live = key_mask[:, :, 0]  # [B, 1, N]
+            has_live = live.any(dim=-1, keepdim=True)
+            scores = scores.masked_fill(~live & has_live, float("-inf"))
+        mixed = torch.einsum("bhn,bhnd->bhd", scores.softmax(dim=-1), values).reshape(batch_size, dim)
+        if key_mask is not None:
+            mixed = torch.where(has_live[:, 0], mixed, value_bias)
+    return attn.proj(mixed) + block.mlp(mixed.new_zeros(1, dim))
+
+
+@dataclass
+class HaltingState:
+    """Per-token ACT state of one forward, indexed by original token id: [B, N0] (output [B, N0, C])."""
+
+    cumulative: Tensor
+    remainder: Tensor
+    rho: Tensor
+    depth: Tensor
+    output: Tensor
+    # Official prior only: halted tokens per image, and the gradient carrier of their outputs (see _halt).
+    halted: Tensor
+    halted_carry: Tensor
+    phantom_sum: Tensor
+
+    @classmethod
+    def start(cls, x: Tensor) -> "HaltingState":
+        b, n, _ = x.shape
+        zeros = x.new_zeros(b, n)
+        return cls(cumulative=zeros, remainder=torch.ones_like(zeros), rho=zeros, depth=torch.ones_like(zeros),
+                   output=torch.zeros_like(x), halted=x.new_zeros(b), halted_carry=x.new_zeros(b),
+                   phantom_sum=x.new_zeros(b))
+
+
+@MODEL_REGISTRY.register()
+class AViTVisionTransformer(VisionTransformer):
+    """DeiT whose tokens halt one by one (A-ViT); state_dict keys are DeiT's, no extra parameters."""
+
+    # Blocks may see no live token (every token halted), so DDP must expect unused parameters.
+    has_unused_parameters = True
+
+    def __init__(self, gate_scale: float = 10.0, gate_center: float = 30.0, halting_eps: float = 0.01,
+                 ponder_weight: float = 5e-4, prior_weight: float = 1e-3, prior_target_depth: int = 8,
+                 official_prior: bool = True, **vit_args):
+        super().__init__(**vit_args)
+        self.gate_scale, self.gate_center, self.halting_eps = gate_scale, gate_center, halting_eps
+        self.ponder_weight, self.prior_weight = ponder_weight, prior_weight
+        self.prior_target_depth, self.official_prior = prior_target_depth, official_prior
+        for block in self.blocks:
+            block.adapter = KeyValueTap()
+        self._warned_skipped_prior = False
+
+    @classmethod
+    def from_config(cls, cfg) -> "AViTVisionTransformer":
+        a = cfg.AVIT
+        return cls(gate_scale=a.GATE_SCALE, gate_center=a.GATE_CENTER, halting_eps=a.HALTING_EPS,
+                   ponder_weight=a.PONDER_WEIGHT, prior_weight=a.PRIOR_WEIGHT,
+                   prior_target_depth=a.PRIOR_TARGET_DEPTH, official_prior=a.OFFICIAL_PRIOR, **vit_kwargs(cfg))
+
+    def halting_scores(self, y: Tensor) -> Tensor:
+        return torch.sigmoid(y[..., 0] * self.gate_scale - self.gate_center)
+
+    def forward_features(self, images: Tensor) -> TokenBatch:
+        tokens = self.embed(images)
+        batch, num_tokens = tokens.x.shape[:2]
+        state = HaltingState.start(tokens.x)
+        record_prior = self.training and self.prior_weight > 0
+        phantom = record_prior and self.official_prior
+        for block in self.blocks:
+            block.adapter.observes_attention = phantom
+        scores: List[Tensor] = []  # per-block halting score the prior reads
+        # As in the backbone: with `trace_token_ids`, the ids of the tokens still running after every block.
+        self.last_token_ids = [] if getattr(self, "trace_token_ids", False) else None
+        for i, block in enumerate(self.blocks):
+            if i > 0 and not bool(tokens.num_live().any()):  # every token halted: nothing left to compute
+                tokens.token_counts.append(tokens.x.new_zeros(batch, 2, dtype=torch.long))
+                if phantom:
+                    out = halted_token_output(block, None, None, None, batch)[:, 0]
+                    state.phantom_sum = state.phantom_sum + out
+                    scores.append(self._official_layer_score(None, None, out, state, num_tokens))
+            else:
+                tokens = block(tokens)
+                tokens = self._halt(i, block, tokens, state, scores if record_prior else None, phantom)
+            if self.last_token_ids is not None:
+                self.last_token_ids.append(tokens.padded(tokens.ids).masked_fill(~tokens.live_mask(), -1))
+        for block in self.blocks:
+            block.adapter.recorded = None
+        self.last_depth = state.depth.detach()  # [B, N0] blocks each token ran (1..depth)
+        self.last_rho = state.rho  # [B, N0] ponder cost, differentiable
+        self.last_halting_scores = torch.stack(scores) if scores else None
+        ids = torch.arange(num_tokens, device=images.device).expand(batch, num_tokens)
+        return TokenBatch(x=self.norm(state.output), ids=ids, token_counts=tokens.token_counts,
+                          num_initial=num_tokens, execution=tokens.execution)
+
+    def _halt(self, i: int, block: Block, tokens: TokenBatch, state: HaltingState, scores: Optional[List[Tensor]],
+              phantom: bool) -> TokenBatch:
+        """One ACT step after block i: scores, remainders, the output mixture; keeps the tokens still running."""
+        y = tokens.padded(tokens.x)  # [B, W, C] in the padded layout (the masked layout is already padded)
+        ids = tokens.padded(tokens.ids)
+        live = tokens.live_mask()
+        live_f = live.to(y.dtype)
+        h_raw = self.halting_scores(y)
+        if scores is not None:
+            if phantom:
+                keys, values, key_mask = block.adapter.recorded
+                out = halted_token_output(block, keys, values, key_mask, y.shape[0])[:, 0]
+                state.phantom_sum = state.phantom_sum + out
+                scores.append(self._official_layer_score(h_raw, live_f, out, state, state.output.shape[1]))
+            else:  # mean over the patch tokens of every image; halted tokens and CLS count 0
+                patch = live_f * (ids > 0).to(y.dtype)
+                scores.append((h_raw * patch).sum() / (y.shape[0] * (state.output.shape[1] - 1)))
+        last = i == len(self.blocks) - 1
+        h = torch.ones_like(h_raw) if last else h_raw  # the last block halts every token (no gradient)
+        cumulative = state.cumulative.gather(1, ids) + h.detach()
+        remainder = state.remainder.gather(1, ids)
+        reached = ((cumulative > 1 - self.halting_eps) & live).to(y.dtype)
+        running = (cumulative < 1 - self.halting_eps) & live
+        running_f = running.to(y.dtype)
+        weight = remainder * reached + h * running_f
+        state.output = state.output.scatter_add(1, ids.unsqueeze(-1).expand_as(y), weight.unsqueeze(-1) * y)
+        state.rho = state.rho.scatter_add(1, ids, live_f + remainder * reached)
+        state.remainder = state.remainder.scatter_add(1, ids, -(running_f * h))
+        state.cumulative = state.cumulative.scatter_add(1, ids, h.detach() * live_f)
+        state.depth = state.depth.scatter_add(1, ids, running_f)
+        if last:
+            return tokens
+        if phantom:  # tokens halting here: later garbage outputs pass gradients to y[0] (official `.data`)
+            stopped = live_f - running_f
+            state.halted = state.halted + stopped.sum(dim=1)
+            state.halted_carry = state.halted_carry + (stopped * (y[..., 0] - state.phantom_sum[:, None])).sum(dim=1)
+        positions = torch.arange(running.shape[1], device=y.device).expand_as(running)
+        return tokens.select(positions, running)
+
+    def _official_layer_score(self, h_raw: Optional[Tensor], live_f: Optional[Tensor], phantom_out: Tensor,
+                              state: HaltingState, num_tokens: int) -> Tensor:
+        """mean(h[1:]) of the official code: every image but the first, every token, halted ones included.
+
+        A halted token's output has the value `phantom_out` of its image, and the gradient of its last real
+        output plus the phantom outputs since (`.data` zeroing), this block's included. Summed over an image's
+        halted tokens, that gradient is carried by halted_carry + halted * phantom_sum."""
+        carry = state.halted_carry + state.halted * state.phantom_sum
+        z = phantom_out.detach() + (carry - carry.detach()) / state.halted.clamp(min=1)
+        per_image = state.halted * self.halting_scores(z.unsqueeze(-1))
+        if h_raw is not None:
+            per_image = per_image + (h_raw * live_f).sum(dim=1)
+        return per_image[1:].sum() / ((per_image.shape[0] - 1) * num_tokens)
+
+    def auxiliary_losses(self) -> Dict[str, Tensor]:
+        """The A-ViT losses of the last training forward, by name (the trainer adds them to the task loss)."""
+        losses = {"ponder": self.ponder_weight * self.last_rho.mean()}
+        if self.prior_weight > 0 and self.last_halting_scores is not None:
+            prior = self.halting_prior(self.last_halting_scores)
+            if self.official_prior and not bool(prior > 0):
+                if not self._warned_skipped_prior:
+                    logger.warning("A-ViT halting prior is %s (the official prior needs 2+ images per batch and "
+                                   "process) and is not added, as in the official code", prior.item())
+                    self._warned_skipped_prior = True
+            else:
+                losses["halting_prior"] = prior
+        return losses
+
+    def halting_prior(self, scores: Tensor) -> Tensor:
+        target = prior_target(len(self.blocks), self.prior_target_depth, self.official_prior).to(scores.device)
+        q = (scores / scores.sum()).clamp(*PRIOR_CLAMP)
+        return self.prior_weight * F.kl_div(q.log(), target, reduction="batchmean")
+
+    def check_checkpoint_source(self, path: str) -> None:
+        """Official A-ViT files carry their gate in the file name (<name>-<scale>-<center>.pth, and 5/50 for
+        the visualization checkpoint); vitadapt takes it from the config and refuses a file that says otherwise."""
+        name = os.path.basename(path)
+        expected = None
+        match = re.search(r"-(\d+(?:\.\d+)?)-(\d+(?:\.\d+)?)\.pth$", name)
+        if match:
+            expected = (float(match.group(1)), float(match.group(2)))
+        elif "visualization" in name:
+            expected = (5.0, 50.0)
+        logger.info("A-ViT gate: AVIT.GATE_SCALE %g, AVIT.GATE_CENTER %g (from the config, not from the file name)",
+                    self.gate_scale, self.gate_center)
+        if expected is not None and expected != (self.gate_scale, self.gate_center):
+            raise ConfigError(
+                f"{path}: the official A-ViT code would run this file with gate scale {expected[0]:g} and center "
+                f"{expected[1]:g} (read from its name), but AVIT.GATE_SCALE / AVIT.GATE_CENTER are "
+                f"{self.gate_scale:g} / {self.gate_center:g}; set them to match, or rename the file if its name is wrong")
+
+
+def add_avit_config(cfg) -> None:
+    from fvcore.common.config import CfgNode
+
+    cfg.AVIT = CfgNode()
+    # Halting score h = sigmoid(GATE_SCALE * y[0] - GATE_CENTER), y[0] channel 0 of a token's block output
+    # (official: tiny 10 / 30, small 10 / 75; the visualization checkpoint 5 / 50).
+    cfg.AVIT.GATE_SCALE = 10.0
+    cfg.AVIT.GATE_CENTER = 30.0
+    # A token halts once its cumulative h exceeds 1 - HALTING_EPS (official: 0.01, hard-coded).
+    cfg.AVIT.HALTING_EPS = 0.01
+    # Weight of the ponder loss, mean of depth + remainder over tokens (official ponder_token_scale).
+    cfg.AVIT.PONDER_WEIGHT = 5e-4
+    # Weight of the distributional prior on the per-block halting scores (official distr_prior_alpha); 0 disables it.
+    cfg.AVIT.PRIOR_WEIGHT = 1e-3
+    # Centre (0-based block index) of the Gaussian target of the prior (official: 8 of 12).
+    cfg.AVIT.PRIOR_TARGET_DEPTH = 8
+    # Reproduce the official prior with its quirks (batch slice, halted tokens' outputs, unnormalised target,
+    # added only if > 0); False: the corrected prior. See vitadapt/models/avit.py.
+    cfg.AVIT.OFFICIAL_PRIOR = True
+
+
+def validate_avit_config(cfg) -> None:
+    if cfg.MODEL.NAME != "AViTVisionTransformer":
+        return
+    a = cfg.AVIT
+    if not 0 < a.HALTING_EPS < 1:
+        raise ConfigError(f"AVIT.HALTING_EPS must be in (0, 1), got {a.HALTING_EPS}")
+    if a.PONDER_WEIGHT < 0 or a.PRIOR_WEIGHT < 0:
+        raise ConfigError(f"AVIT.PONDER_WEIGHT ({a.PONDER_WEIGHT}) and AVIT.PRIOR_WEIGHT ({a.PRIOR_WEIGHT}) must be >= 0")
+    if not 1 <= a.PRIOR_TARGET_DEPTH < cfg.VIT.DEPTH:
+        raise ConfigError(f"AVIT.PRIOR_TARGET_DEPTH must be in [1, VIT.DEPTH) = [1, {cfg.VIT.DEPTH}), "
+                          f"got {a.PRIOR_TARGET_DEPTH}")
+
+
+register_config("AVIT", add_avit_config, validate_avit_config)
+
+
+def official_to_config_opts(config: dict) -> List[str]:
+    """KEY VALUE overrides for the official A-ViT constructor and args (a golden file's `config`)."""
+    ctor, args = config["constructor"], config["args"]
+    if ctor.get("representation_size") is not None or ctor.get("distilled"):
+        raise ValueError("official A-ViT arguments not supported by vitadapt: representation_size / distilled")
+    if args.get("act_mode", 4) != 4:
+        raise ValueError(f"official A-ViT act_mode {args['act_mode']}: only token halting (4) exists")
+    size = ctor["img_size"][0] if isinstance(ctor["img_size"], (list, tuple)) else ctor["img_size"]
+    pairs = {"MODEL.NAME": "AViTVisionTransformer", "MODEL.NUM_CLASSES": ctor["num_classes"],
+             "DATA.TRAIN_CROP_SIZE": size, "DATA.TEST_CROP_SIZE": size, "VIT.PATCH_SIZE": ctor["patch_size"],
+             "VIT.IN_CHANS": ctor["in_chans"], "VIT.EMBED_DIM": ctor["embed_dim"], "VIT.DEPTH": ctor["depth"],
+             "VIT.NUM_HEADS": ctor["num_heads"], "VIT.MLP_RATIO": float(ctor["mlp_ratio"]),
+             "VIT.QKV_BIAS": bool(ctor["qkv_bias"]), "VIT.DROP_RATE": float(ctor.get("drop_rate", 0.0)),
+             "VIT.ATTN_DROP_RATE": float(ctor.get("attn_drop_rate", 0.0)),
+             "VIT.DROP_PATH_RATE": float(ctor.get("drop_path_rate", 0.0)),
+             "AVIT.GATE_SCALE": float(args["gate_scale"]), "AVIT.GATE_CENTER": float(args["gate_center"]),
+             "AVIT.PONDER_WEIGHT": float(args["ponder_token_scale"]),
+             "AVIT.PRIOR_WEIGHT": float(args["distr_prior_alpha"]), "AVIT.OFFICIAL_PRIOR": True}
+    hard = config.get("hardcoded", {})
+    if "eps" in hard:
+        pairs["AVIT.HALTING_EPS"] = float(hard["eps"])
+    return [str(x) for kv in pairs.items() for x in kv]
