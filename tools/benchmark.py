@@ -30,7 +30,7 @@ from vitadapt.errors import VitadaptError  # noqa: E402
 from vitadapt.engine.trainer import amp_dtype, select_device  # noqa: E402
 from vitadapt.models import build_model  # noqa: E402
 from vitadapt.models.flops import fvcore_macs, vit_macs  # noqa: E402
-from vitadapt.models.synthetic import sharpen_  # noqa: E402
+from vitadapt.models.synthetic import add_halting_drift_, sharpen_  # noqa: E402
 from vitadapt.utils.checkpoint import load_weights  # noqa: E402
 
 
@@ -40,10 +40,11 @@ def parse(argv=None):
     parser.add_argument("--compare", default="", help="a second config, measured side by side")
     parser.add_argument("--data", action="store_true", help="use images of the config's TEST.SPLIT, not noise")
     parser.add_argument("--out", default="", help="JSON output (default: OUTPUT_DIR of --cfg / benchmark.json)")
-    parser.add_argument("--init", choices=("default", "sharpened"), default="default",
+    parser.add_argument("--init", choices=("default", "sharpened", "halting"), default="default",
                         help="weights when no TEST.CHECKPOINT_FILE_PATH is set: the model's own init, or synthetic "
-                             "weights with peaked attention (vitadapt.models.synthetic), the same for both configs, "
-                             "under which token-sampling methods drop tokens as with trained weights")
+                             "weights (vitadapt.models.synthetic), the same for both configs: 'sharpened' has "
+                             "peaked attention, under which token-sampling methods drop tokens as with trained "
+                             "weights; 'halting' adds a channel-0 drift to it, under which A-ViT tokens halt")
     args, opts = parser.parse_known_args(argv)
     return args, opts
 
@@ -81,8 +82,10 @@ class Subject:
         self.model = build_model(self.cfg).to(self.device).eval()
         if self.cfg.TEST.CHECKPOINT_FILE_PATH:
             load_weights(self.model, self.cfg.TEST.CHECKPOINT_FILE_PATH)
-        elif init == "sharpened":
+        elif init in ("sharpened", "halting"):
             sharpen_(self.model)
+            if init == "halting":
+                add_halting_drift_(self.model)
         self.params = sum(p.numel() for p in self.model.parameters())
         batch_sizes = batch_sizes or self.cfg.BENCHMARK.BATCH_SIZES
         largest = make_inputs(self.cfg, max(batch_sizes), use_data)

@@ -191,7 +191,7 @@ def check_avit(golden: dict) -> List[Comparison]:
                                  train["halting_score_layer"], atol=LOSS_ATOL))
         out.append(compare_float(f"{tag} prior loss", model.halting_prior(model.last_halting_scores),
                                  train["distr_prior_loss"], atol=LOSS_ATOL))
-        out.append(compare_exact(f"{tag} prior added", "halting_prior" in aux, bool(train["distr_prior_loss_added"])))
+        out.append(compare_exact(f"{tag} prior added", bool(prior.requires_grad), bool(train["distr_prior_loss_added"])))
         total = ce + sum(aux.values())
         out.append(compare_float(f"{tag} total loss", total, train["total_loss"], atol=LOSS_ATOL))
         names, params = zip(*model.named_parameters())

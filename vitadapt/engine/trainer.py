@@ -26,7 +26,7 @@ from vitadapt.utils.logging import log_json_stats, setup_logging
 from vitadapt.utils.lr_policy import lr_at_epoch
 from vitadapt.utils.optimizer import build_optimizer
 
-from .evaluate import evaluate, topk_correct
+from .evaluate import evaluate, token_depth, topk_correct
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,10 @@ def log_model_info(model, cfg, device) -> None:
 def wrap_ddp(model, device):
     if du.get_world_size() == 1:
         return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # A model whose blocks can all be skipped for a batch (every token halted) leaves parameters without
+    # gradient on that process; DDP must then look for them.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=getattr(model, "has_unused_parameters", False))
 
 
 class Trainer:
@@ -231,6 +234,8 @@ class Trainer:
         model.train()
         iters = len(self.train_loader)
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # n, loss*n, top1 correct, skipped
+        has_aux = hasattr(cu.unwrap(model), "auxiliary_losses")
+        aux_sums: dict = {}  # name -> loss*n over the epoch; "token_depth" -> mean blocks per token * n
         start = tick = time.perf_counter()
         for it, batch in enumerate(self.train_loader):
             progress = epoch + it / iters
@@ -251,6 +256,9 @@ class Trainer:
             with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 logits = model(inputs)
                 loss = self.loss_fn(logits.float(), targets)
+                # A method's own training losses (A-ViT ponder and prior, ...), by name, from this forward.
+                aux = {k: v.float() for k, v in cu.unwrap(model).auxiliary_losses().items()} if has_aux else {}
+                loss = loss + sum(aux.values()) if aux else loss
             if not self.on_all_ranks(bool(torch.isfinite(loss))):
                 raise TrainingDiverged(
                     f"loss is {loss.item()} (on at least one process) at epoch {epoch + 1}, iteration {it + 1}; training stopped. The last "
@@ -271,14 +279,28 @@ class Trainer:
             sums[0] += n
             sums[1] += loss.detach() * n
             sums[2] += topk_correct(logits.detach(), labels, 1)
+            parts = {name: value.detach() for name, value in aux.items()}
+            token_counts = getattr(cu.unwrap(model), "last_token_counts", None)
+            if token_counts is not None:
+                parts["token_depth"] = token_depth(token_counts).mean()
+            for name, value in parts.items():
+                aux_sums[name] = aux_sums.get(name, 0.0) + value * n
             if (it + 1) % cfg.LOG_PERIOD == 0 or it + 1 == iters:
-                self.log_progress(epoch, it, iters, loss.item(), start, tick)
+                self.log_progress(epoch, it, iters, loss.item(), start, tick,
+                                  {name: value.item() for name, value in parts.items()})
                 tick = time.perf_counter()
         sums = du.all_reduce_sum(sums).cpu()
         n = max(sums[0].item(), 1.0)
         stats = {"_type": "train_epoch", "epoch": epoch + 1, "loss": sums[1].item() / n,
                  "top1_acc": 100.0 * sums[2].item() / n, "lr": self.lr, "skipped_images": int(sums[3].item()),
                  "epoch_time_s": time.perf_counter() - start}
+        # Every process has the same names (auxiliary_losses always returns the same keys): one all-reduce.
+        names = sorted(aux_sums)
+        if names:
+            totals = du.all_reduce_sum(torch.stack([torch.as_tensor(aux_sums[k], dtype=torch.float64, device=device)
+                                                    for k in names])).cpu()
+            for name, total in zip(names, totals.tolist()):
+                stats[name if name == "token_depth" else f"loss_{name}"] = total / n
         keep_rate = getattr(cu.unwrap(model), "current_keep_rate", None)
         if keep_rate is not None:
             stats["keep_rate"] = keep_rate
@@ -296,17 +318,18 @@ class Trainer:
         agreed = du.all_reduce_sum(torch.tensor([float(flag)], device=self.device))
         return int(agreed.item()) == du.get_world_size()
 
-    def log_progress(self, epoch, it, iters, loss, start, tick):
+    def log_progress(self, epoch, it, iters, loss, start, tick, parts: dict):
         elapsed = time.perf_counter() - start
         per_iter = elapsed / (it + 1)
         remaining = per_iter * ((iters - it - 1) + (self.cfg.SOLVER.MAX_EPOCH - epoch - 1) * iters)
         keep_rate = getattr(cu.unwrap(self.model), "current_keep_rate", None)
-        logger.info("epoch %d/%d iter %d/%d loss %.4f lr %.3e %s%.3fs/iter eta %s", epoch + 1,
-                    self.cfg.SOLVER.MAX_EPOCH, it + 1, iters, loss, self.lr,
+        extra = "".join(f"{name} {value:.4g} " for name, value in parts.items())
+        logger.info("epoch %d/%d iter %d/%d loss %.4f %slr %.3e %s%.3fs/iter eta %s", epoch + 1,
+                    self.cfg.SOLVER.MAX_EPOCH, it + 1, iters, loss, extra, self.lr,
                     "" if keep_rate is None else f"keep_rate {keep_rate:.4f} ", per_iter,
                     timedelta(seconds=int(remaining)))
         if du.is_master():
-            self.scalars({"_type": "train", "loss": loss, "lr": self.lr}, self.global_step)
+            self.scalars({"_type": "train", "loss": loss, "lr": self.lr, **parts}, self.global_step)
 
 
 def train(cfg):
@@ -337,8 +360,10 @@ def test(cfg) -> dict:
         logger.info("test on %s (%d images): top1 %.2f%% top5 %.2f%%", cfg.TEST.SPLIT, stats["num_images"],
                     stats["top1_acc"], stats["top5_acc"])
         if "gmacs_mean" in stats:
-            logger.info("GMACs per image: mean %.4f, p50 %.4f, p95 %.4f; kept tokens per block (mean [min, max]): %s",
-                        stats["gmacs_mean"], stats["gmacs_p50"], stats["gmacs_p95"],
+            logger.info("GMACs per image: mean %.4f, p50 %.4f, p95 %.4f; mean token depth %.2f of %d blocks; "
+                        "kept tokens per block (mean [min, max]): %s",
+                        stats["gmacs_mean"], stats["gmacs_p50"], stats["gmacs_p95"], stats["token_depth_mean"],
+                        len(stats["tokens_per_block_mean"]),
                         " ".join(f"{m:.1f}[{lo},{hi}]" for m, lo, hi in zip(stats["tokens_per_block_mean"],
                                  stats["tokens_per_block_min"], stats["tokens_per_block_max"])))
         log_json_stats(stats)

@@ -101,24 +101,24 @@ def halted_token_output(block: Block, keys: Optional[Tensor], values: Optional[T
 
 @dataclass
 class HaltingState:
-    """Per-token ACT state of one forward, indexed by original token id: [B, N0] (output [B, N0, C])."""
+    """Per-token ACT state of one forward, one row per (image, original token id): [B * N0] (output [B * N0, C])."""
 
     cumulative: Tensor
     remainder: Tensor
     rho: Tensor
     depth: Tensor
     output: Tensor
-    # Official prior only: halted tokens per image, and the gradient carrier of their outputs (see _halt).
+    # Official prior only, per image: halted tokens, and the gradient carrier of their outputs (see _halt).
     halted: Tensor
     halted_carry: Tensor
     phantom_sum: Tensor
 
     @classmethod
     def start(cls, x: Tensor) -> "HaltingState":
-        b, n, _ = x.shape
-        zeros = x.new_zeros(b, n)
+        b, n, c = x.shape
+        zeros = x.new_zeros(b * n)
         return cls(cumulative=zeros, remainder=torch.ones_like(zeros), rho=zeros, depth=torch.ones_like(zeros),
-                   output=torch.zeros_like(x), halted=x.new_zeros(b), halted_carry=x.new_zeros(b),
+                   output=x.new_zeros(b * n, c), halted=x.new_zeros(b), halted_carry=x.new_zeros(b),
                    phantom_sum=x.new_zeros(b))
 
 
@@ -167,7 +167,7 @@ class AViTVisionTransformer(VisionTransformer):
                 if phantom:
                     out = halted_token_output(block, None, None, None, batch)[:, 0]
                     state.phantom_sum = state.phantom_sum + out
-                    scores.append(self._official_layer_score(None, None, out, state, num_tokens))
+                    scores.append(self._official_layer_score(None, out, state, num_tokens))
             else:
                 tokens = block(tokens)
                 tokens = self._halt(i, block, tokens, state, scores if record_prior else None, phantom)
@@ -175,54 +175,55 @@ class AViTVisionTransformer(VisionTransformer):
                 self.last_token_ids.append(tokens.padded(tokens.ids).masked_fill(~tokens.live_mask(), -1))
         for block in self.blocks:
             block.adapter.recorded = None
-        self.last_depth = state.depth.detach()  # [B, N0] blocks each token ran (1..depth)
-        self.last_rho = state.rho  # [B, N0] ponder cost, differentiable
+        self.last_depth = state.depth.detach().view(batch, num_tokens)  # blocks each token ran (1..depth)
+        self.last_rho = state.rho.view(batch, num_tokens)  # ponder cost, differentiable
         self.last_halting_scores = torch.stack(scores) if scores else None
         ids = torch.arange(num_tokens, device=images.device).expand(batch, num_tokens)
-        return TokenBatch(x=self.norm(state.output), ids=ids, token_counts=tokens.token_counts,
-                          num_initial=num_tokens, execution=tokens.execution)
+        return TokenBatch(x=self.norm(state.output.view(batch, num_tokens, -1)), ids=ids,
+                          token_counts=tokens.token_counts, num_initial=num_tokens, execution=tokens.execution)
 
     def _halt(self, i: int, block: Block, tokens: TokenBatch, state: HaltingState, scores: Optional[List[Tensor]],
               phantom: bool) -> TokenBatch:
         """One ACT step after block i: scores, remainders, the output mixture; keeps the tokens still running."""
-        y = tokens.padded(tokens.x)  # [B, W, C] in the padded layout (the masked layout is already padded)
-        ids = tokens.padded(tokens.ids)
-        live = tokens.live_mask()
-        live_f = live.to(y.dtype)
+        batch, num_tokens = state.halted.shape[0], state.output.shape[0] // state.halted.shape[0]
+        y, ids, image, live = tokens.rows()  # one row per token slot (packed: the live tokens only)
+        slot = image * num_tokens + ids  # the token's row in the state
+        live_f = torch.ones_like(y[:, 0]) if live is None else live.to(y.dtype)
         h_raw = self.halting_scores(y)
         if scores is not None:
+            live_sums = y.new_zeros(batch).index_add(0, image, h_raw * live_f)
             if phantom:
                 keys, values, key_mask = block.adapter.recorded
-                out = halted_token_output(block, keys, values, key_mask, y.shape[0])[:, 0]
+                out = halted_token_output(block, keys, values, key_mask, batch)[:, 0]
                 state.phantom_sum = state.phantom_sum + out
-                scores.append(self._official_layer_score(h_raw, live_f, out, state, state.output.shape[1]))
+                scores.append(self._official_layer_score(live_sums, out, state, num_tokens))
             else:  # mean over the patch tokens of every image; halted tokens and CLS count 0
-                patch = live_f * (ids > 0).to(y.dtype)
-                scores.append((h_raw * patch).sum() / (y.shape[0] * (state.output.shape[1] - 1)))
+                cls_sums = y.new_zeros(batch).index_add(0, image, h_raw * live_f * (ids == 0).to(y.dtype))
+                scores.append((live_sums - cls_sums).sum() / (batch * (num_tokens - 1)))
         last = i == len(self.blocks) - 1
         h = torch.ones_like(h_raw) if last else h_raw  # the last block halts every token (no gradient)
-        cumulative = state.cumulative.gather(1, ids) + h.detach()
-        remainder = state.remainder.gather(1, ids)
-        reached = ((cumulative > 1 - self.halting_eps) & live).to(y.dtype)
-        running = (cumulative < 1 - self.halting_eps) & live
+        cumulative = state.cumulative[slot] + h.detach()
+        remainder = state.remainder[slot]
+        reached = (cumulative > 1 - self.halting_eps).to(y.dtype) * live_f
+        running = cumulative < 1 - self.halting_eps
+        running = running if live is None else running & live
         running_f = running.to(y.dtype)
-        weight = remainder * reached + h * running_f
-        state.output = state.output.scatter_add(1, ids.unsqueeze(-1).expand_as(y), weight.unsqueeze(-1) * y)
-        state.rho = state.rho.scatter_add(1, ids, live_f + remainder * reached)
-        state.remainder = state.remainder.scatter_add(1, ids, -(running_f * h))
-        state.cumulative = state.cumulative.scatter_add(1, ids, h.detach() * live_f)
-        state.depth = state.depth.scatter_add(1, ids, running_f)
+        state.output = state.output.index_add(0, slot, (remainder * reached + h * running_f).unsqueeze(-1) * y)
+        state.rho = state.rho.index_add(0, slot, live_f + remainder * reached)
+        state.remainder = state.remainder.index_add(0, slot, -(running_f * h))
+        state.cumulative = state.cumulative.index_add(0, slot, h.detach() * live_f)
+        state.depth = state.depth.index_add(0, slot, running_f)
         if last:
             return tokens
         if phantom:  # tokens halting here: later garbage outputs pass gradients to y[0] (official `.data`)
             stopped = live_f - running_f
-            state.halted = state.halted + stopped.sum(dim=1)
-            state.halted_carry = state.halted_carry + (stopped * (y[..., 0] - state.phantom_sum[:, None])).sum(dim=1)
-        positions = torch.arange(running.shape[1], device=y.device).expand_as(running)
-        return tokens.select(positions, running)
+            state.halted = state.halted.index_add(0, image, stopped)
+            state.halted_carry = state.halted_carry.index_add(
+                0, image, stopped * (y[:, 0] - state.phantom_sum[image]))
+        return tokens.filter(running)
 
-    def _official_layer_score(self, h_raw: Optional[Tensor], live_f: Optional[Tensor], phantom_out: Tensor,
-                              state: HaltingState, num_tokens: int) -> Tensor:
+    def _official_layer_score(self, live_sums: Optional[Tensor], phantom_out: Tensor, state: HaltingState,
+                              num_tokens: int) -> Tensor:
         """mean(h[1:]) of the official code: every image but the first, every token, halted ones included.
 
         A halted token's output has the value `phantom_out` of its image, and the gradient of its last real
@@ -231,22 +232,26 @@ class AViTVisionTransformer(VisionTransformer):
         carry = state.halted_carry + state.halted * state.phantom_sum
         z = phantom_out.detach() + (carry - carry.detach()) / state.halted.clamp(min=1)
         per_image = state.halted * self.halting_scores(z.unsqueeze(-1))
-        if h_raw is not None:
-            per_image = per_image + (h_raw * live_f).sum(dim=1)
+        if live_sums is not None:  # the running tokens' own scores, summed per image
+            per_image = per_image + live_sums
         return per_image[1:].sum() / ((per_image.shape[0] - 1) * num_tokens)
 
     def auxiliary_losses(self) -> Dict[str, Tensor]:
-        """The A-ViT losses of the last training forward, by name (the trainer adds them to the task loss)."""
+        """The A-ViT losses of the last training forward, by name, as they are added to the task loss (the
+        trainer sums them). The keys are always the same; a prior that is off or skipped is a constant 0."""
         losses = {"ponder": self.ponder_weight * self.last_rho.mean()}
-        if self.prior_weight > 0 and self.last_halting_scores is not None:
+        if self.prior_weight > 0:
+            if self.last_halting_scores is None:
+                raise RuntimeError("A-ViT auxiliary_losses() reads the halting scores of a training-mode forward; "
+                                   "the last forward ran in eval mode")
             prior = self.halting_prior(self.last_halting_scores)
             if self.official_prior and not bool(prior > 0):
                 if not self._warned_skipped_prior:
                     logger.warning("A-ViT halting prior is %s (the official prior needs 2+ images per batch and "
                                    "process) and is not added, as in the official code", prior.item())
                     self._warned_skipped_prior = True
-            else:
-                losses["halting_prior"] = prior
+                prior = torch.zeros((), device=prior.device)
+            losses["halting_prior"] = prior
         return losses
 
     def halting_prior(self, scores: Tensor) -> Tensor:

@@ -135,9 +135,30 @@ class TokenBatch:
             return self.with_keep(keep & self.live_mask())
         x, ids = self.padded(self.x), self.padded(self.ids)
         x = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))[valid]
-        ids = ids.gather(1, index)[valid]
-        lengths = valid.sum(dim=1)
-        width = int(lengths.max())
+        return self._packed(x, ids.gather(1, index)[valid], valid.sum(dim=1))
+
+    def rows(self):
+        """Every token slot as a row: (x [R, C], ids [R], image [R], live [R] bool or None for all live), with
+        R = T for packed tokens and B * N otherwise. Per-token state kept per (image, id) indexes with these."""
+        if self.is_packed:
+            return self.x, self.ids, torch.div(self.flat_index, self.width, rounding_mode="floor"), None
+        b, n, c = self.x.shape
+        image = torch.arange(b, device=self.x.device)[:, None].expand(b, n).reshape(-1)
+        return self.x.reshape(b * n, c), self.ids.reshape(-1), image, None if self.keep is None else self.keep.reshape(-1)
+
+    def filter(self, keep_rows: Tensor) -> "TokenBatch":
+        """Keeps the live tokens whose row (in `rows` order) is True, in their order: packed execution moves them
+        together, masked execution marks the others dropped."""
+        if self.execution == "masked" and not self.is_packed:
+            return self.with_keep(keep_rows.view(self.x.shape[:2]) & self.live_mask())
+        x, ids, image, live = self.rows()
+        if live is not None:
+            keep_rows = keep_rows & live
+        return self._packed(x[keep_rows], ids[keep_rows], torch.bincount(image[keep_rows], minlength=self.batch_size))
+
+    def _packed(self, x: Tensor, ids: Tensor, lengths: Tensor) -> "TokenBatch":
+        """This batch with the packed tokens x [T, C] (lengths[b] of image b, one image after the other)."""
+        width = int(lengths.max()) if lengths.numel() else 0
         slots = torch.arange(width, device=x.device)
         flat_index = (torch.arange(lengths.numel(), device=x.device)[:, None] * width + slots)[slots < lengths[:, None]]
         return self.replace(x=x, ids=ids, keep=None, lengths=lengths, flat_index=flat_index, width=width)

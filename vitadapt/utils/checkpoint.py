@@ -135,6 +135,9 @@ def resume(path: str, model, optimizer, scaler=None, ema=None, rank: int = 0, wo
 
 def load_weights(model, path: str, reset_head_on_mismatch: bool = False, prefer_ema: bool = False) -> LoadReport:
     """Loads only the model weights of any supported layout (vitadapt, DeiT, timm, ...) and logs what happened."""
+    check = getattr(unwrap(model), "check_checkpoint_source", None)  # e.g. A-ViT's gate in official file names
+    if check is not None:
+        check(path)
     obj = load_file(path)
     if prefer_ema and isinstance(obj, dict):
         if isinstance(obj.get("ema_state"), dict):
