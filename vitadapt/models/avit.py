@@ -116,6 +116,7 @@ class HaltingState:
     @classmethod
     def start(cls, x: Tensor) -> "HaltingState":
         b, n, c = x.shape
+        x = x.new_empty(0, dtype=torch.float32)  # float32 state, also under fp16 autocast (c is compared to 1 - eps)
         zeros = x.new_zeros(b * n)
         return cls(cumulative=zeros, remainder=torch.ones_like(zeros), rho=zeros, depth=torch.ones_like(zeros),
                    output=x.new_zeros(b * n, c), halted=x.new_zeros(b), halted_carry=x.new_zeros(b),
@@ -161,11 +162,13 @@ class AViTVisionTransformer(VisionTransformer):
         scores: List[Tensor] = []  # per-block halting score the prior reads
         # As in the backbone: with `trace_token_ids`, the ids of the tokens still running after every block.
         self.last_token_ids = [] if getattr(self, "trace_token_ids", False) else None
+        skipped = False
         for i, block in enumerate(self.blocks):
             if i > 0 and not bool(tokens.num_live().any()):  # every token halted: nothing left to compute
+                skipped = True
                 tokens.token_counts.append(tokens.x.new_zeros(batch, 2, dtype=torch.long))
                 if phantom:
-                    out = halted_token_output(block, None, None, None, batch)[:, 0]
+                    out = halted_token_output(block, None, None, None, batch)[:, 0].float()
                     state.phantom_sum = state.phantom_sum + out
                     scores.append(self._official_layer_score(None, out, state, num_tokens))
             else:
@@ -178,8 +181,13 @@ class AViTVisionTransformer(VisionTransformer):
         self.last_depth = state.depth.detach().view(batch, num_tokens)  # blocks each token ran (1..depth)
         self.last_rho = state.rho.view(batch, num_tokens)  # ponder cost, differentiable
         self.last_halting_scores = torch.stack(scores) if scores else None
+        features = self.norm(state.output.view(batch, num_tokens, -1))
+        if phantom and skipped:
+            # Blocks skipped by every token still feed the official prior. DDP (find_unused_parameters) treats
+            # parameters the forward output does not reach as unused, so the output must reach them (times 0).
+            features = features + 0.0 * state.phantom_sum.sum()
         ids = torch.arange(num_tokens, device=images.device).expand(batch, num_tokens)
-        return TokenBatch(x=self.norm(state.output.view(batch, num_tokens, -1)), ids=ids,
+        return TokenBatch(x=features, ids=ids,
                           token_counts=tokens.token_counts, num_initial=num_tokens, execution=tokens.execution)
 
     def _halt(self, i: int, block: Block, tokens: TokenBatch, state: HaltingState, scores: Optional[List[Tensor]],
@@ -187,6 +195,7 @@ class AViTVisionTransformer(VisionTransformer):
         """One ACT step after block i: scores, remainders, the output mixture; keeps the tokens still running."""
         batch, num_tokens = state.halted.shape[0], state.output.shape[0] // state.halted.shape[0]
         y, ids, image, live = tokens.rows()  # one row per token slot (packed: the live tokens only)
+        y = y.float()
         slot = image * num_tokens + ids  # the token's row in the state
         live_f = torch.ones_like(y[:, 0]) if live is None else live.to(y.dtype)
         h_raw = self.halting_scores(y)
@@ -194,7 +203,7 @@ class AViTVisionTransformer(VisionTransformer):
             live_sums = y.new_zeros(batch).index_add(0, image, h_raw * live_f)
             if phantom:
                 keys, values, key_mask = block.adapter.recorded
-                out = halted_token_output(block, keys, values, key_mask, batch)[:, 0]
+                out = halted_token_output(block, keys, values, key_mask, batch)[:, 0].float()
                 state.phantom_sum = state.phantom_sum + out
                 scores.append(self._official_layer_score(live_sums, out, state, num_tokens))
             else:  # mean over the patch tokens of every image; halted tokens and CLS count 0
