@@ -99,3 +99,48 @@ def test_visualize_draws_the_fused_token_of_evit(tmp_path, caplog):
     width = image.shape[1] // 3
     last_panel = image[:, 2 * width:].reshape(-1, 3).float()
     assert (last_panel[:, 2] > last_panel[:, 0] + 60).any()  # fused patches are tinted blue
+
+
+def test_visualize_draws_avit_depth_maps_from_the_model_depths(tmp_path, caplog):
+    from vitadapt.config import load_config
+    from vitadapt.datasets import build_dataset
+    from vitadapt.models import build_model
+    from vitadapt.models.synthetic import add_halting_drift_, sharpen_
+
+    root = tmp_path / "data"
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        for i in range(4):
+            pixels = (torch.rand(64, 64, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / split / "a" / f"{i}.png")
+    opts = TINY + ["MODEL.NAME", "AViTVisionTransformer", "AVIT.GATE_SCALE", "5", "AVIT.GATE_CENTER", "5",
+                   "AVIT.PRIOR_TARGET_DEPTH", "2", "DATA.PATH_TO_DATA_DIR", str(root), "OUTPUT_DIR", str(tmp_path / "out")]
+    cfg = load_config("", opts)
+    model = add_halting_drift_(sharpen_(build_model(cfg).eval()), drift=1.0, spread=5.0)
+    torch.save({"model": model.state_dict()}, tmp_path / "weights.pth")
+    images = torch.stack([build_dataset("imagenet", cfg, "val")[i][0] for i in range(4)])
+    with torch.no_grad():
+        model(images)
+    depths = model.last_depth[:, 1:]
+    varied = depths.std(dim=1).argsort(descending=True)[:2]  # what --most-varied 4 must pick, in this order
+    assert len(set(depths.flatten().tolist())) >= 3
+
+    config = tmp_path / "avit.yaml"
+    config.write_text("MODEL:\n  NAME: AViTVisionTransformer\n")
+    with caplog.at_level("INFO", logger="vitadapt.visualize"):
+        rc = load_tool("visualize").main(["--cfg", str(config), "--num-images", "2", "--most-varied", "4",
+                                          "TEST.CHECKPOINT_FILE_PATH", str(tmp_path / "weights.pth")] + opts)
+    assert rc == 0
+    out = tmp_path / "out" / "visualization"
+    assert sorted(os.listdir(out)) == [f"image_000{i}{s}.png" for i in range(2) for s in ("", "_depth", "_input")]
+    hot = load_tool("visualize").hot
+    for shown, index in enumerate(varied.tolist()):
+        side_by_side = torch.from_numpy(__import__("numpy").array(Image.open(out / f"image_000{shown}.png"))).float()
+        scale = 160 // 64  # the tool enlarges 64 px inputs 2x; panels are separated by 2 px of padding
+        size = 64 * scale
+        heat = side_by_side[2:2 + size, 2 + size + 2:2 + 2 * size + 2]  # the middle panel: the depth map
+        centres = heat[8 * scale // 2::8 * scale, 8 * scale // 2::8 * scale].reshape(-1, 3)
+        expected = hot((depths[index] - 1) / 3).T * 255
+        assert (centres - expected).abs().max() <= 1.0  # every patch coloured by its own token's depth
+        assert f"token depth mean {depths[index].mean():.2f}" in caplog.text

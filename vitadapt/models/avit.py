@@ -171,6 +171,8 @@ class AViTVisionTransformer(VisionTransformer):
                     out = halted_token_output(block, None, None, None, batch)[:, 0].float()
                     state.phantom_sum = state.phantom_sum + out
                     scores.append(self._official_layer_score(None, out, state, num_tokens))
+                elif record_prior:  # corrected prior: halted tokens count 0
+                    scores.append(state.output.new_zeros(()))
             else:
                 tokens = block(tokens)
                 tokens = self._halt(i, block, tokens, state, scores if record_prior else None, phantom)
