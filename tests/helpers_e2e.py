@@ -9,6 +9,8 @@ import importlib.util
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
@@ -29,12 +31,22 @@ STD = (0.5, 0.5, 0.5)
 TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, mlp_ratio=4.0)
 
 
-def load_run_net():
-    """tools/run_net.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("vitadapt_tools_run_net", RUN_NET_PATH)
+def load_tool(name: str):
+    """tools/<name>.py as a module (tools/ is not a package); in-process, so no seconds of imports per call."""
+    spec = importlib.util.spec_from_file_location(f"vitadapt_tools_{name}", RUN_NET_PATH.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_run_net():
+    return load_tool("run_net")
+
+
+def check_parity_cli(*paths) -> subprocess.CompletedProcess:
+    """tools/check_parity.py PATH... in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, str(RUN_NET_PATH.parent / "check_parity.py"), *map(str, paths)],
+                          capture_output=True, text=True, timeout=300, cwd=str(RUN_NET_PATH.parents[1]))
 
 
 def make_image_folder(root, train_counts=(8, 8, 8), val_counts=(3, 2, 2), size=40, seed=0,

@@ -6,11 +6,10 @@ when they are absent. Everything runs single-threaded (the goldens were recorded
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
-from helpers_e2e import load_golden_or_skip
+from helpers_e2e import check_parity_cli, load_golden_or_skip
 import torch
 import torch.nn.functional as F
 
@@ -109,13 +108,8 @@ def test_reference_reproduces_goldens():
         assert torch.equal(torch.cat([a[1] for a in alone], dim=1), g["num_kept_bs1"])
 
 
-def _check_parity_cli(*paths):
-    return subprocess.run([sys.executable, str(H.REPO / "tools" / "check_parity.py"), *map(str, paths)],
-                          capture_output=True, text=True, timeout=300, cwd=str(H.REPO))
-
-
 def test_check_parity_cli_ok(golden_dev):
-    proc = _check_parity_cli(H.GOLDEN_DEV)
+    proc = check_parity_cli(H.GOLDEN_DEV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [l for l in proc.stdout.splitlines() if "max |diff|" in l]
     assert len(lines) >= 20
@@ -145,7 +139,7 @@ def test_check_parity_cli_reports_tampered_goldens(golden_dev, tmp_path):
     paths = {"logit": tmp_path / "tampered_logit.pt", "kept": tmp_path / "tampered_kept.pt"}
     torch.save(logit, paths["logit"])
     torch.save(kept, paths["kept"])
-    proc = _check_parity_cli(paths["logit"], paths["kept"])
+    proc = check_parity_cli(paths["logit"], paths["kept"])
     assert proc.returncode != 0, proc.stdout
     sections = _sections(proc.stdout)
     expected = {"logit": {f"[{e}, batch_max] logits" for e in EXECUTIONS},

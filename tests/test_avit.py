@@ -13,7 +13,6 @@ import itertools
 import logging
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -114,23 +113,8 @@ def test_reference_reproduces_golden_dev(golden_dev):
         _assert_grads_close(mine["grads"][loss], ref, f"reference {loss} gradient vs golden")
 
 
-def _check_parity_cli(*paths):
-    return subprocess.run([sys.executable, str(H.REPO / "tools" / "check_parity.py"), *map(str, paths)],
-                          capture_output=True, text=True, timeout=120)
-
-
-def _check_parity_main():
-    """tools/check_parity.py's main(argv) -> exit status, loaded in-process (a subprocess costs seconds of imports)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_check_parity_avit", H.REPO / "tools" / "check_parity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def test_check_parity_cli_ok(golden_dev):
-    proc = _check_parity_cli(H.GOLDEN_DEV)
+    proc = h.check_parity_cli(H.GOLDEN_DEV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "MISMATCH" not in proc.stdout and proc.stdout.count(" OK") >= 40, proc.stdout
     assert "all match" in proc.stdout
@@ -161,7 +145,7 @@ EXPECTED_MISMATCH = {"counter_token": "per-token depth", "logits": "logits:", "d
 def test_check_parity_cli_fails_on_a_tampered_copy(golden_dev, tmp_path):
     path = tmp_path / "golden_dev_counter_tampered.pt"
     torch.save(_tampered(golden_dev, "counter_token"), path)
-    proc = _check_parity_cli(path)
+    proc = h.check_parity_cli(path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = [line for line in proc.stdout.splitlines() if "MISMATCH" in line]
     assert len(lines) == 2 and all("per-token depth" in line for line in lines), proc.stdout
@@ -172,7 +156,7 @@ def test_check_parity_fails_on_a_tampered_copy(golden_dev, tmp_path, capsys, kin
     """tools/check_parity.py exits with main()'s status (sys.exit(main())): 1 on one corrupted tensor, naming it."""
     path = tmp_path / f"golden_{kind}.pt"
     torch.save(_tampered(golden_dev, kind), path)
-    main = _check_parity_main()
+    main = h.load_tool("check_parity").main
     capsys.readouterr()
     assert main([str(path)]) == 1
     out = capsys.readouterr().out
@@ -671,17 +655,22 @@ def _fresh(scale, center):
     return build_model(cfg).eval(), config
 
 
-def test_official_checkpoint_name_matching_gate_loads(tmp_path, ckpt_sd):
-    path = _official_file(tmp_path / "tiny-10-30.pth", ckpt_sd)
-    model, config = _fresh(10.0, 30.0)
+@pytest.mark.parametrize("name,gate", [("tiny-10-30.pth", (10.0, 30.0)), ("visualization-tiny.pth", (5.0, 50.0)),
+                                       ("my_avit_weights.pth", (5.0, 50.0))])
+def test_official_checkpoint_loads_when_its_name_agrees_with_the_gate(tmp_path, ckpt_sd, name, gate):
+    """<name>-<scale>-<center>.pth and visualization* (5/50) imply a gate; a plain name implies nothing."""
+    path = _official_file(tmp_path / name, ckpt_sd)
+    model, config = _fresh(*gate)
     load_weights(model, path)
     images = _images(3, 64, seed=4)
     with torch.no_grad():
         logits = model(images)
         ref = H.ref_forward(H.ref_config(config), ckpt_sd, images)
-    assert ref["margin"] > MIN_MARGIN and len(ref["counter"].unique()) >= 4
     assert _max_diff(logits, ref["logits"]) <= OUT_ATOL
-    assert torch.equal(model.last_depth, ref["counter"])
+    if ref["margin"] > MIN_MARGIN:  # halting decisions robust to float noise: depths must be equal
+        assert torch.equal(model.last_depth, ref["counter"])
+    if gate == (10.0, 30.0):  # the tiny-10-30 weights are chosen so that depths spread
+        assert ref["margin"] > MIN_MARGIN and len(ref["counter"].unique()) >= 4
 
 
 @pytest.mark.parametrize("name,gate", [("small-10-75.pth", (10.0, 30.0)), ("visualization-tiny.pth", (10.0, 30.0)),
@@ -694,19 +683,6 @@ def test_official_checkpoint_name_contradicting_gate_fails(tmp_path, ckpt_sd, na
         load_weights(model, path)
     assert name in str(err.value)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing loaded
-
-
-@pytest.mark.parametrize("name", ["visualization-tiny.pth", "my_avit_weights.pth"])
-def test_visualization_checkpoint_and_plain_names(tmp_path, ckpt_sd, name):
-    """visualization* implies gate 5/50; a name without a gate implies nothing (any config gate loads)."""
-    path = _official_file(tmp_path / name, ckpt_sd)
-    model, config = _fresh(5.0, 50.0)
-    load_weights(model, path)
-    images = _images(2, 64, seed=6)
-    with torch.no_grad():
-        logits = model(images)
-        ref = H.ref_forward(H.ref_config(config), ckpt_sd, images)
-    assert _max_diff(logits, ref["logits"]) <= OUT_ATOL
 
 
 @pytest.mark.parametrize("change", ["missing", "unexpected"])

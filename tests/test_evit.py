@@ -8,11 +8,10 @@ when they are absent. Everything runs single-threaded (the goldens were recorded
 
 import math
 import os
-import subprocess
 import sys
 
 import pytest
-from helpers_e2e import load_golden_or_skip
+from helpers_e2e import check_parity_cli, load_golden_or_skip, load_tool
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -70,23 +69,8 @@ def test_check_file_golden_dev(golden_dev):
         assert what in names
 
 
-def _check_parity_cli(*paths):
-    return subprocess.run([sys.executable, str(H.REPO / "tools" / "check_parity.py"), *map(str, paths)],
-                          capture_output=True, text=True, timeout=120)
-
-
-def _check_parity_main():
-    """tools/check_parity.py's main(argv) -> exit status, loaded in-process (a subprocess costs ~6 s of imports)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_check_parity_evit", H.REPO / "tools" / "check_parity.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
 def test_check_parity_cli_ok(golden_dev):
-    proc = _check_parity_cli(H.GOLDEN_DEV)
+    proc = check_parity_cli(H.GOLDEN_DEV)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "MISMATCH" not in proc.stdout and proc.stdout.count(" OK") >= 10
 
@@ -99,7 +83,7 @@ def test_check_parity_cli_reports_tampered_goldens(golden_dev, tmp_path, capsys)
     idx[6][2, [0, 1]] = idx[6][2, [1, 0]]  # same kept set, official order broken
     inter["idx"] = idx
     swapped = {**golden_dev, "intermediates": inter}
-    main = _check_parity_main()
+    main = load_tool("check_parity").main
     for name, golden in (("logit", logit), ("idx", swapped)):
         path = tmp_path / f"{name}.pt"
         torch.save(golden, path)

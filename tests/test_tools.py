@@ -1,6 +1,5 @@
 """tools/benchmark.py and tools/visualize.py on tiny models (no timing thresholds: only what can be checked)."""
 
-import importlib.util
 import json
 import re
 import os
@@ -9,16 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers_e2e import load_tool
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["NUM_GPUS", "0", "VIT.PATCH_SIZE", "8", "VIT.EMBED_DIM", "48", "VIT.DEPTH", "4", "VIT.NUM_HEADS", "3",
         "DATA.TRAIN_CROP_SIZE", "64", "DATA.TEST_CROP_SIZE", "64", "MODEL.NUM_CLASSES", "10"]
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def write_config(tmp_path, name, model):
