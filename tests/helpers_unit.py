@@ -1,8 +1,10 @@
 """Small shared helpers of the unit tests (test_config, test_models, test_checkpoint)."""
 
+import contextlib
 from pathlib import Path
 from typing import Dict, Mapping
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,3 +42,21 @@ def assert_state_equal(actual: Mapping[str, torch.Tensor], expected: Mapping[str
         if key in skip:
             continue
         assert torch.equal(actual[key], expected[key]), f"{key} differs"
+
+
+def write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@contextlib.contextmanager
+def raises_naming(*needles, one_line: bool = False):
+    """pytest.raises(ConfigError) whose message contains every needle (and, with one_line, no line break)."""
+    from vitadapt.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        yield info
+    message = str(info.value)
+    assert not one_line or "\n" not in message, message
+    for needle in needles:
+        assert needle in message, f"{needle!r} not in error message {message!r}"

@@ -1,6 +1,5 @@
 """vitadapt.config: defaults, YAML with _BASE_, overrides, validation, path checks."""
 
-import contextlib
 import os
 import re
 
@@ -10,28 +9,15 @@ import vitadapt.config as config_module
 from vitadapt.config import ConfigError, check_paths, get_cfg, load_config, parse_args, register_config
 
 try:
-    from helpers_unit import CONFIG_FILES, REPO
+    from helpers_unit import CONFIG_FILES, REPO, raises_naming, write
 except ImportError:  # tests/ imported as a package
-    from tests.helpers_unit import CONFIG_FILES, REPO
+    from tests.helpers_unit import CONFIG_FILES, REPO, raises_naming, write
 
 DEIT_S = str(REPO / "configs" / "ImageNet" / "DeiT_S.yaml")
 DEIT_TI = str(REPO / "configs" / "ImageNet" / "DeiT_Ti.yaml")
 DIGITS = str(REPO / "configs" / "demo" / "DeiT_Ti_digits.yaml")
 
 
-def write(path, text):
-    path.write_text(text)
-    return str(path)
-
-
-@contextlib.contextmanager
-def raises_naming(*needles):
-    """pytest.raises(ConfigError) whose message must contain every needle."""
-    with pytest.raises(ConfigError) as info:
-        yield info
-    message = str(info.value)
-    for needle in needles:
-        assert needle in message, f"{needle!r} not in error message {message!r}"
 
 
 # ------------------------------------------------------------------ every shipped config

@@ -89,7 +89,7 @@ def test_visualize_draws_the_fused_token_of_evit(tmp_path, caplog):
     # token may be among them) + a new fused token after block 2. Counts include CLS, not the fused token.
     assert "1: 33 + 1 fused" in caplog.text
     assert re.search(r"2: 1[78] \+ 1 fused", caplog.text)
-    image = torch.from_numpy(__import__("numpy").asarray(Image.open(out / "visualization" / "image_0000.png")))
+    image = torch.from_numpy(__import__("numpy").array(Image.open(out / "visualization" / "image_0000.png")))
     width = image.shape[1] // 3
     last_panel = image[:, 2 * width:].reshape(-1, 3).float()
     assert (last_panel[:, 2] > last_panel[:, 0] + 60).any()  # fused patches are tinted blue
@@ -128,12 +128,14 @@ def test_visualize_draws_avit_depth_maps_from_the_model_depths(tmp_path, caplog)
     assert rc == 0
     out = tmp_path / "out" / "visualization"
     assert sorted(os.listdir(out)) == [f"image_000{i}{s}.png" for i in range(2) for s in ("", "_depth", "_input")]
-    hot = load_tool("visualize").hot
+    vis = load_tool("visualize")
+    hot = vis.hot
     for shown, index in enumerate(varied.tolist()):
         side_by_side = torch.from_numpy(__import__("numpy").array(Image.open(out / f"image_000{shown}.png"))).float()
-        scale = 160 // 64  # the tool enlarges 64 px inputs 2x; panels are separated by 2 px of padding
+        scale = 160 // 64  # the tool enlarges 64 px inputs 2x
         size = 64 * scale
-        heat = side_by_side[2:2 + size, 2 + size + 2:2 + 2 * size + 2]  # the middle panel: the depth map
+        x, y = vis.panel_origins([size] * 3, title_lines=2)[1]  # the middle panel, under its two title lines
+        heat = side_by_side[y:y + size, x:x + size]  # the depth map
         centres = heat[8 * scale // 2::8 * scale, 8 * scale // 2::8 * scale].reshape(-1, 3)
         expected = hot((depths[index] - 1) / 3).T * 255
         assert (centres - expected).abs().max() <= 1.0  # every patch coloured by its own token's depth

@@ -22,11 +22,19 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# The CPU peak-memory measurement runs torch.profiler, whose kineto backend logs lines that read like failures on
+# a machine without a GPU ("gpuGetDeviceCount failed", "USDT ... profiler_start"), and c10 warns that blocks
+# allocated before profiling ("of unknown size") are not tracked; none concerns the measurement. Both variables
+# are read when torch and kineto initialise, hence set before importing torch; a user's own setting wins.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above ERROR (4) and USDT (5): silent
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
 import torch  # noqa: E402
 
-from vitadapt.config import load_config  # noqa: E402
+from vitadapt.config import ConfigError, check_paths, load_config  # noqa: E402
 from vitadapt.datasets import build_dataset  # noqa: E402
 from vitadapt.errors import VitadaptError  # noqa: E402
+from vitadapt.engine.output_dir import ensure_writable_file  # noqa: E402
 from vitadapt.engine.trainer import amp_dtype, select_device  # noqa: E402
 from vitadapt.models import build_model  # noqa: E402
 from vitadapt.models.flops import fvcore_macs, vit_macs  # noqa: E402
@@ -46,6 +54,9 @@ def parse(argv=None):
                              "peaked attention, under which token-sampling methods drop tokens as with trained "
                              "weights; 'halting' adds a channel-0 drift to it, under which A-ViT tokens halt")
     args, opts = parser.parse_known_args(argv)
+    flags = [o for o in opts if o.startswith("--")]
+    if flags:  # a mistyped option would otherwise reach the config as a key
+        parser.error(f"unrecognized argument: {flags[0]}")
     return args, opts
 
 
@@ -62,13 +73,32 @@ def cpu_peak_mib(fn) -> float:
     return peak / 2**20
 
 
+def check_files(cfg, use_data: bool) -> None:
+    """What the run will read exists, with the messages of a test job (vitadapt.config.check_paths, naming the
+    key): the data folder with --data, TEST.CHECKPOINT_FILE_PATH when set."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.TRAIN.ENABLE, cfg.TRAIN.CHECKPOINT_FILE_PATH, cfg.TEST.ENABLE = False, "", use_data
+    check_paths(cfg)
+    path = cfg.TEST.CHECKPOINT_FILE_PATH
+    if path and not os.path.isfile(path):  # without --data, check_paths skips the test keys
+        raise ConfigError(f"TEST.CHECKPOINT_FILE_PATH does not exist: {path}")
+
+
 def make_inputs(cfg, batch: int, use_data: bool) -> torch.Tensor:
     size = cfg.DATA.TEST_CROP_SIZE
     if not use_data:
         return torch.randn(batch, cfg.VIT.IN_CHANS, size, size, generator=torch.Generator().manual_seed(0))
     dataset = build_dataset(cfg.TEST.DATASET, cfg, cfg.TEST.SPLIT)
-    items = [dataset[i % len(dataset)] for i in range(batch)]
-    return torch.stack([it[0] for it in items if it is not None])
+    # The first decodable images (an undecodable one is skipped with the data set's warning, up to 20), repeated
+    # to fill the batch when the split is smaller: every batch size runs the number of images it says.
+    items = [dataset[i] for i in range(min(len(dataset), batch + 20))]
+    images = [it[0] for it in items if it is not None]
+    if not images:
+        where = getattr(dataset, "folder", None) or "the data set"
+        raise ConfigError(f"--data: no image of TEST.SPLIT '{cfg.TEST.SPLIT}' could be decoded: {len(items)} "
+                          f"tried in {where}, all failed (see the warnings above)")
+    return torch.stack([images[i % len(images)] for i in range(batch)])
 
 
 class Subject:
@@ -89,7 +119,6 @@ class Subject:
         self.params = sum(p.numel() for p in self.model.parameters())
         batch_sizes = batch_sizes or self.cfg.BENCHMARK.BATCH_SIZES
         largest = make_inputs(self.cfg, max(batch_sizes), use_data)
-        # (With --data an undecodable image makes a batch smaller; throughput counts the images really run.)
         self.inputs = {b: largest[:b].to(self.device) for b in batch_sizes}
         self.results = {}
 
@@ -137,6 +166,14 @@ class Subject:
 
 def run(argv=None) -> dict:
     args, opts = parse(argv)
+    # Every config, the files they point to, and where the report goes, checked before any measurement (minutes).
+    cfgs = [load_config(cfg_file, opts) for cfg_file in [args.cfg] + ([args.compare] if args.compare else [])]
+    for cfg in cfgs:
+        check_files(cfg, args.data)
+    out = args.out or os.path.join(cfgs[0].OUTPUT_DIR, "benchmark.json")
+    ensure_writable_file(out, f"--out {out}" if args.out else f"OUTPUT_DIR's report file {out}")
+    if os.path.exists(out) and not os.access(out, os.W_OK):
+        raise ConfigError(f"cannot overwrite {out}: the file is read-only")
     subjects = [Subject(args.cfg, opts, args.data, args.init)]
     if args.compare:
         # Measured on the first config's BENCHMARK settings, so that both see the same work.
@@ -171,10 +208,11 @@ def run(argv=None) -> dict:
                              "speedup": {str(k): b.results[k]["images_per_s"] / a.results[k]["images_per_s"]
                                          for k in bench.BATCH_SIZES}}
     print_table(report)
-    out = args.out or os.path.join(subjects[0].cfg.OUTPUT_DIR, "benchmark.json")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(report, f, indent=2)
+    try:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=2)
+    except OSError as e:  # e.g. the disk filled up during the measurement
+        raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"written to {out}")
     return report
 
@@ -182,11 +220,12 @@ def run(argv=None) -> dict:
 def print_table(report: dict) -> None:
     print(f"device {report['device']}, {report['threads']} threads, torch {report['torch']}, "
           f"median of {report['repeats']} x {report['iters_per_repeat']} iterations after {report['warmup_iters']} warm-up")
-    print(f"{'config':<44} {'params(M)':>9} {'GMACs':>7} {'fvcore':>7} {'batch':>5} {'img/s':>9} {'peak MiB':>9}")
+    width = max(len("config"), *(len(m["cfg"]) for m in report["models"]))  # full names: two may share a tail
+    print(f"{'config':<{width}} {'params(M)':>9} {'GMACs':>7} {'fvcore':>7} {'batch':>5} {'img/s':>9} {'peak MiB':>9}")
     for m in report["models"]:
         for r in m["results"]:
             mem = f"{r['peak_mem_mib']:.1f}"
-            print(f"{m['cfg'][-44:]:<44} {m['params_m']:>9.2f} {m['gmacs_mean']:>7.3f} "
+            print(f"{m['cfg']:<{width}} {m['params_m']:>9.2f} {m['gmacs_mean']:>7.3f} "
                   f"{m['gmacs_fvcore_first_image']:>7.3f} {r['batch']:>5} {r['images_per_s']:>9.1f} {mem:>9}")
     if "compare" in report:
         c = report["compare"]

@@ -1,7 +1,6 @@
 #!/usr/bin/env python3
 """Train, then test, per the config:  python tools/run_net.py --cfg CONFIG.yaml [KEY VALUE ...]"""
 
-import logging
 import os
 import sys
 
@@ -10,6 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from vitadapt.config import ConfigError, load_config, parse_args  # noqa: E402
 from vitadapt.engine import launch_job, test, train  # noqa: E402
 from vitadapt.errors import VitadaptError  # noqa: E402
+from vitadapt.utils.logging import log_to_file_only  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -23,7 +23,7 @@ def main(argv=None) -> int:
         if cfg.TEST.ENABLE:
             launch_job(cfg, test, args.init_method)
     except VitadaptError as e:
-        logging.getLogger("vitadapt").error("%s", e)
+        log_to_file_only(f"error: {e}")  # the console gets it once, on stderr
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

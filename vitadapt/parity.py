@@ -6,12 +6,14 @@ comparison is a line `name: max |diff| = ...  OK|MISMATCH`; discrete decisions m
 floats within `FLOAT_ATOL` (golden/README.md).
 """
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List
 
 import torch
 
 from vitadapt.config import load_config
+from vitadapt.errors import VitadaptError
 from vitadapt.models import build_model
 from vitadapt.models.convert import LoadReport, load_into_model
 
@@ -208,20 +210,88 @@ def check_avit(golden: dict) -> List[Comparison]:
 # Which method a golden file belongs to, from its official constructor arguments.
 PARITY_CHECKS: Dict[str, Callable[[dict], List[Comparison]]] = {"ats": check_ats, "evit": check_evit,
                                                                 "avit": check_avit}
+# Every kind of file in shared/golden, by name; those without an entry in PARITY_CHECKS are "not supported yet".
+GOLDEN_KINDS = {"ats": "ATS", "evit": "EViT", "avit": "A-ViT", "adavit": "AdaViT", "dvt": "DVT",
+                "video": "video backbone (TimeSformer / XViT)"}
+# Entries every golden file has; a file without them was not written by the golden harnesses.
+REQUIRED_ENTRIES = ("config", "input", "state_dict")
+
+
+class GoldenFileError(VitadaptError, ValueError):
+    """A file that is not a golden file vitadapt can read (missing, not a torch.save file, entries missing)."""
+
+
+class NotSupportedYet(VitadaptError):
+    """A golden file of a method (or video backbone) that vitadapt has no parity check for yet."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        supported = ", ".join(GOLDEN_KINDS[k] for k in PARITY_CHECKS)
+        super().__init__(f"{GOLDEN_KINDS[kind]} golden file; vitadapt has parity checks for {supported} only")
 
 
 def detect_method(golden: dict) -> str:
-    config = golden.get("config", {})
+    """The GOLDEN_KINDS key of a loaded golden file, from the official constructor arguments in its 'config'."""
+    config = golden.get("config")
+    if not isinstance(config, dict):
+        raise GoldenFileError("not a golden file: no 'config' dict with the official constructor arguments "
+                              f"(top-level entries: {', '.join(map(str, golden)) or 'none'})")
     if "ats_blocks" in config:
         return "ats"
     if "fuse_token" in config.get("ctor", {}):
         return "evit"
     if "gate_scale" in config.get("args", {}):
         return "avit"
-    raise ValueError("cannot tell which method this golden file is for (no known constructor arguments in 'config'); "
-                     f"vitadapt has parity checks for: {sorted(PARITY_CHECKS)}")
+    if "ada_token" in config.get("constructor", ()):  # MengLcool/AdaViT
+        return "adavit"
+    if "less_less_token" in config.get("ctor", ()):  # DVT's three cascaded ViTs
+        return "dvt"
+    if "num_frames" in config or "DATA.NUM_FRAMES" in config.get("cfg_overrides", ()):  # TimeSformer, XViT
+        return "video"
+    raise GoldenFileError("cannot tell which method this golden file is for (no known constructor arguments in "
+                          f"'config'); known: {', '.join(GOLDEN_KINDS.values())}")
+
+
+def load_golden(path: str) -> dict:
+    """The golden file at `path`, or a GoldenFileError that says in one line what is wrong with it."""
+    if not os.path.exists(path):
+        raise GoldenFileError("no such file")
+    if os.path.isdir(path):
+        raise GoldenFileError("is a folder, not a .pt file")
+    if os.path.getsize(path) == 0:
+        raise GoldenFileError("empty file (0 bytes)")
+    try:
+        golden = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise GoldenFileError(f"cannot read it: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001  torch.load turns foreign bytes into pickle, zip, Key or Runtime errors
+        reason = str(e).strip().split("\n")[0].split(". ")[0][:120]
+        raise GoldenFileError("not a torch.save file of tensors and plain containers (torch.load with "
+                              f"weights_only=True: {type(e).__name__}{': ' + reason if reason else ''})") from None
+    if not isinstance(golden, dict):
+        raise GoldenFileError(f"not a golden file: holds a {type(golden).__name__}, not a dict")
+    return golden
 
 
 def check_file(path: str) -> List[Comparison]:
-    golden = torch.load(path, map_location="cpu", weights_only=True)
-    return PARITY_CHECKS[detect_method(golden)](golden)
+    """Every comparison for the golden file at `path`. Raises GoldenFileError for a file that is not a (complete)
+    golden file and NotSupportedYet for one of a method vitadapt has no parity check for."""
+    golden = load_golden(path)
+    method = detect_method(golden)
+    if method not in PARITY_CHECKS:
+        raise NotSupportedYet(method)
+    missing = [k for k in REQUIRED_ENTRIES if k not in golden]
+    if missing:
+        raise GoldenFileError(f"not a complete {GOLDEN_KINDS[method]} golden file: no {', '.join(map(repr, missing))} "
+                              "entry")
+    try:
+        return PARITY_CHECKS[method](golden)
+    except VitadaptError:
+        raise
+    except KeyError as e:  # an entry the harness always writes (nested ones included) is missing
+        raise GoldenFileError(f"not a complete {GOLDEN_KINDS[method]} golden file: no {e} entry") from None
+    except (AssertionError, AttributeError, IndexError, RuntimeError, TypeError, ValueError) as e:
+        # Entries of the wrong type or shape for the file's own config (e.g. an input of another size): one line
+        # naming what failed, rather than a traceback from deep inside the model.
+        reason = str(e).strip().split("\n")[0][:160]
+        raise GoldenFileError(f"its entries do not fit its 'config' ({type(e).__name__}: {reason})") from None

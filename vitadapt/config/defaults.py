@@ -132,6 +132,7 @@ _C.SOLVER.LR_SCALE_REF_BATCH = 0
 _C.SOLVER.LR_POLICY = "cosine"
 _C.SOLVER.COSINE_END_LR = 1e-5
 _C.SOLVER.COSINE_AFTER_WARMUP = True
+# steps_with_relative_lrs: the epoch at which each stage starts (rising, from 0) and its LR relative to BASE_LR.
 _C.SOLVER.STEPS = []
 _C.SOLVER.LRS = []
 _C.SOLVER.MAX_EPOCH = 300
@@ -157,8 +158,10 @@ _C.MODEL_EMA.EVAL = True
 
 # ---------------------------------------------------------------- loading
 _C.DATA_LOADER = CfgNode()
-# Loader worker processes per training process.
-_C.DATA_LOADER.NUM_WORKERS = 4
+# Loader worker processes per training process. -1 (auto): min(4, this machine's CPUs / processes per machine),
+# resolved when the config is loaded, so the saved config records the number used; an explicit count is used as
+# given (torch warns when it exceeds the CPUs). Worker count changes the augmentation random streams.
+_C.DATA_LOADER.NUM_WORKERS = -1
 _C.DATA_LOADER.PIN_MEMORY = True
 
 _C.TENSORBOARD = CfgNode()
@@ -175,6 +178,17 @@ _C.BENCHMARK.NUM_REPEATS = 5
 _C.BENCHMARK.ITERS_PER_REPEAT = 3
 # Torch intra-op threads; 0 keeps torch's default.
 _C.BENCHMARK.NUM_THREADS = 0
+
+
+# What the loader cannot read off a default. Every key accepts only the type of its default (ints are accepted
+# for floats; floats must be finite and fit in float32), a list key only lists of its default's element type, and
+# None nowhere. Two cases need a declaration here (method nodes pass theirs to register_config(types=...)):
+# - a list key whose default is empty: its element type, as [type];
+# - an optional key, whose default is None (None then stays allowed): its type. There are none at present.
+DECLARED_TYPES = {
+    "SOLVER.STEPS": [float],  # epochs, may be fractional (the schedule is evaluated per iteration)
+    "SOLVER.LRS": [float],
+}
 
 
 def get_defaults() -> CfgNode:

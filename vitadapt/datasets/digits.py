@@ -22,7 +22,8 @@ class DigitsDataset:
         from sklearn.datasets import load_digits
 
         if split not in ("train", "val", "test"):
-            raise DataError(f"the digits data set has the splits train and val (test = val), not '{split}'")
+            raise DataError(f"the digits data set has the splits train and val (test = val), "
+                            f"not '{split}' (TEST.SPLIT)")
         if cfg.MODEL.NUM_CLASSES < 10:
             raise DataError(f"the digits data set has 10 classes but MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES}")
         data = load_digits()

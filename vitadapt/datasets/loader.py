@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from vitadapt.config import num_workers
+
 from .build import build_dataset
 
 
@@ -68,5 +70,5 @@ def construct_loader(cfg, split: str, rank: int = 0, world: int = 1, is_train: b
     else:
         sampler = ShardSampler(len(dataset), rank, world)
     return DataLoader(_Indexed(dataset), batch_size=batch, sampler=sampler, drop_last=is_train and len(sampler) >= batch,
-                      num_workers=cfg.DATA_LOADER.NUM_WORKERS, pin_memory=cfg.DATA_LOADER.PIN_MEMORY and cfg.NUM_GPUS > 0,
+                      num_workers=num_workers(cfg), pin_memory=cfg.DATA_LOADER.PIN_MEMORY and cfg.NUM_GPUS > 0,
                       collate_fn=collate_skipping_failures, worker_init_fn=_seed_worker)

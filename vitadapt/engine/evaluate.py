@@ -1,13 +1,23 @@
 """Evaluation: top-1/top-5, loss and per-image GMACs over a split, reduced exactly across processes."""
 
+import logging
+import time
+from datetime import timedelta
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from vitadapt.errors import VitadaptError
 from vitadapt.models.flops import vit_macs
 from vitadapt.utils import distributed as du
 from vitadapt.utils.checkpoint import unwrap
+
+logger = logging.getLogger(__name__)
+
+
+class NoUsableImages(VitadaptError, RuntimeError):
+    """Every image of a split or an epoch was skipped as undecodable: there is nothing to train or measure."""
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -21,19 +31,46 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
 
 
 def token_depth(token_counts: torch.Tensor) -> torch.Tensor:
-    """[B] blocks a token runs through on average (at attention), from token_counts [B, depth, 2]: the full
-    depth for a dense model, the mean per-token depth for A-ViT."""
+    """[B] blocks a token runs through on average (at attention), from token_counts [B, depth, 2]: the mean
+    per-token depth of a token-halting model (A-ViT)."""
     return token_counts[..., 0].sum(dim=1).double() / token_counts[:, 0, 0].double()
+
+
+def reports(model, statistic: str) -> bool:
+    """Whether a per-image statistic is defined for this model: "kept_tokens" for methods that change which
+    tokens exist, "token_depth" for token halting (see README, 'Statistics in the logs')."""
+    return statistic in getattr(unwrap(model), "token_statistics", ())
+
+
+class Progress:
+    """A progress line every `period` batches: images done of this process's shard, running top-1, rate, ETA."""
+
+    def __init__(self, label: str, total: int, period: int):
+        self.label, self.total, self.period = label, total, period
+        self.shard = " (this process's shard)" if du.get_world_size() > 1 else ""
+        self.start = time.perf_counter()
+
+    def update(self, step: int, done: int, correct: torch.Tensor) -> None:
+        if not self.period or step % self.period:
+            return
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        eta = timedelta(seconds=int((self.total - done) / rate)) if rate > 0 else "?"
+        logger.info("%s: %d/%d images%s, top1 so far %.2f%%, %.1f images/s, eta %s", self.label, done, self.total,
+                    self.shard, 100.0 * correct.item() / max(done, 1), rate, eta)
 
 
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
-             keep_predictions: bool = False) -> dict:
-    """Every process evaluates its shard (no padding); sums are all-reduced, so each item counts once."""
+             keep_predictions: bool = False, label: str = "val", log_period: int = 0) -> dict:
+    """Every process evaluates its shard (no padding); sums are all-reduced, so each item counts once.
+
+    Logs progress every `log_period` batches (0: never). Fails if no image of the split could be decoded."""
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # n, top1, top5, loss, skipped
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # n, top1, top5, loss, skipped, non-finite images
     macs, counts, depths, predictions = [], [], [], []
-    for batch in loader:
+    kept_tokens, halting = reports(model, "kept_tokens"), reports(model, "token_depth")
+    progress = Progress(label, len(loader.sampler), log_period)
+    for step, batch in enumerate(loader, 1):
         sums[4] += batch["skipped"]
         if batch["inputs"] is None:
             continue
@@ -45,17 +82,25 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
         sums[1] += topk_correct(logits, labels, 1)
         sums[2] += topk_correct(logits, labels, 5)
         sums[3] += F.cross_entropy(logits, labels, reduction="sum")
+        sums[5] += (~torch.isfinite(logits).all(dim=1)).sum()
         token_counts = getattr(unwrap(model), "last_token_counts", None)
         if token_counts is not None:
             macs.append(vit_macs(unwrap(model), token_counts).cpu())
-            counts.append(token_counts[..., 1].cpu())  # [B, depth] tokens leaving each block's attention
-            depths.append(token_depth(token_counts).cpu())
+            if kept_tokens:
+                counts.append(token_counts[..., 1].cpu())  # [B, depth] tokens leaving each block's attention
+            if halting:
+                depths.append(token_depth(token_counts).cpu())
         if keep_predictions:
             predictions.append((batch["index"].cpu(), logits.cpu(), labels.cpu()))
+        progress.update(step, int(sums[0].item() + sums[4].item()), sums[1])
     sums = du.all_reduce_sum(sums).cpu()
-    n = max(sums[0].item(), 1.0)
+    if sums[0] == 0:
+        raise NoUsableImages(f"no image of the {label} split could be decoded ({int(sums[4])} skipped; the warnings "
+                             "above name the files)")
+    n = sums[0].item()
     stats = {"num_images": int(sums[0].item()), "top1_acc": 100.0 * sums[1].item() / n,
-             "top5_acc": 100.0 * sums[2].item() / n, "loss": sums[3].item() / n, "skipped_images": int(sums[4].item())}
+             "top5_acc": 100.0 * sums[2].item() / n, "loss": sums[3].item() / n, "skipped_images": int(sums[4].item()),
+             "nonfinite_images": int(sums[5].item())}
     # One collective for every per-image record (every rank calls it, even with nothing to send).
     ranks = du.all_gather_objects((macs, counts, depths, predictions))
     macs, counts, depths, predictions = ([part for rank in ranks for part in rank[k]] for k in range(4))
@@ -76,3 +121,11 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
         stats["predictions"] = {"index": index[order], "logits": torch.cat([p[1] for p in predictions])[order],
                                 "labels": torch.cat([p[2] for p in predictions])[order]}
     return stats
+
+
+def report_nonfinite(stats: dict, what: str) -> None:
+    """An evaluation whose outputs are NaN/inf is reported as such, not as a low accuracy."""
+    bad = stats.get("nonfinite_images", 0)
+    if bad or not torch.isfinite(torch.tensor(stats["loss"])):
+        logger.error("%s: the model's outputs are NaN or infinite for %d of %d images (loss %s); its top-1/top-5 "
+                     "mean nothing", what, bad, stats["num_images"], stats["loss"])

@@ -14,7 +14,7 @@ from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
-from vitadapt.config import RESUMABLE_CHANGES, CfgNode, ConfigError, config_differences
+from vitadapt.config import ConfigError
 from vitadapt.datasets import construct_loader
 from vitadapt.errors import VitadaptError
 from vitadapt.losses import build_loss
@@ -22,17 +22,18 @@ from vitadapt.models import build_model
 from vitadapt.models.flops import vit_macs
 from vitadapt.utils import checkpoint as cu
 from vitadapt.utils import distributed as du
-from vitadapt.utils.logging import log_json_stats, setup_logging
+from vitadapt.utils.logging import log_json_stats, setup_logging, supersede_epoch_records
 from vitadapt.utils.lr_policy import lr_at_epoch
 from vitadapt.utils.optimizer import build_optimizer
 
-from .evaluate import evaluate, token_depth, topk_correct
+from .evaluate import NoUsableImages, evaluate, report_nonfinite, reports, token_depth, topk_correct
+from .output_dir import claim_for_training, ensure_writable_dir, ensure_writable_file
 
 logger = logging.getLogger(__name__)
 
 
 class TrainingDiverged(VitadaptError, FloatingPointError):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+    """The loss or the weights became NaN or infinite; the checkpoints already written are left as they were."""
 
 
 class Hook:
@@ -90,13 +91,18 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare(cfg, job: str):
-    """Logging, seeds, device, and the model on it."""
+    """Logging, the resolved config, seeds, device, and the model on it. Called once the job is accepted: the
+    training job has claimed OUTPUT_DIR (output_dir.claim_for_training)."""
     rank = du.get_rank()
+    if rank == 0:
+        ensure_writable_dir(cfg.OUTPUT_DIR, "OUTPUT_DIR")
     setup_logging(cfg.OUTPUT_DIR, rank)
     if rank == 0:
-        g_pathmgr.mkdirs(cfg.OUTPUT_DIR)
-        with g_pathmgr.open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
-            f.write(cfg.dump())
+        config_file = os.path.join(cfg.OUTPUT_DIR, "config.yaml")
+        # config.yaml describes the run in OUTPUT_DIR: written by training, by a test job only where there is none.
+        if job == "train" or not g_pathmgr.isfile(config_file):
+            with g_pathmgr.open(config_file, "w") as f:
+                f.write(cfg.dump())
         logger.info("%s job, %d process(es), output in %s", job, du.get_world_size(), cfg.OUTPUT_DIR)
     device = select_device(cfg)
     # Same initial weights on every rank (so DDP and each rank's EMA copy start equal), then per-rank streams
@@ -133,17 +139,26 @@ def wrap_ddp(model, device):
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
+        rank, world = du.get_rank(), du.get_world_size()
+        # Everything that can refuse the run comes before anything in OUTPUT_DIR changes (logs go to the console
+        # until then): the run directory, then the data.
+        setup_logging("", rank)
+        resume_from = claim_for_training(cfg)
+        self.train_loader = construct_loader(cfg, "train", rank, world, is_train=True)
+        self.val_loader = construct_loader(cfg, "val", rank, world, is_train=False)
         model, self.device = prepare(cfg, "train")
         self.amp_dtype = amp_dtype(cfg, self.device)
         self.optimizer = build_optimizer(model, cfg.SOLVER)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.ema = ModelEmaV3(model, decay=cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLE else None
         self.loss_fn = build_loss(cfg)
-        self.start_epoch = self.restore(model)
+        self.start_epoch = self.restore(model, resume_from)
+        if du.is_master():
+            moved = supersede_epoch_records(cfg.OUTPUT_DIR, self.start_epoch)
+            if moved:
+                logger.info("json_stats.log: %d record(s) of epochs after %d, which run again now, moved to "
+                            "json_stats.superseded.log", moved, self.start_epoch)
         self.model = wrap_ddp(model, self.device)
-        rank, world = du.get_rank(), du.get_world_size()
-        self.train_loader = construct_loader(cfg, "train", rank, world, is_train=True)
-        self.val_loader = construct_loader(cfg, "val", rank, world, is_train=False)
         self.mixup = Mixup(mixup_alpha=cfg.MIXUP.ALPHA, cutmix_alpha=cfg.MIXUP.CUTMIX_ALPHA, prob=cfg.MIXUP.PROB,
                            switch_prob=cfg.MIXUP.SWITCH_PROB, label_smoothing=cfg.TRAIN.LABEL_SMOOTHING,
                            num_classes=cfg.MODEL.NUM_CLASSES) if cfg.MIXUP.ENABLE else None
@@ -158,32 +173,22 @@ class Trainer:
 
             self.writer = SummaryWriter(cfg.TENSORBOARD.LOG_DIR or os.path.join(cfg.OUTPUT_DIR, "tensorboard"))
         self.global_step = self.start_epoch * len(self.train_loader)
+        # What is known of each checkpoint this process wrote or resumed from, by epoch (describe_checkpoints).
+        self.health = {self.start_epoch: {"good": None, "val_loss": None, "step": self.global_step}} if resume_from else {}
         self.lr = 0.0
 
-    def restore(self, model) -> int:
+    def restore(self, model, resume_from: Optional[str]) -> int:
         cfg = self.cfg
-        last = cu.last_checkpoint(cfg.OUTPUT_DIR) if cfg.TRAIN.AUTO_RESUME else None
-        if last:
-            self.check_same_run(last)
-            epoch = cu.resume(last, model, self.optimizer, self.scaler, self.ema, du.get_rank(), du.get_world_size())
-            logger.info("resumed from %s: %d epoch(s) done", last, epoch)
+        if resume_from:
+            epoch = cu.resume(resume_from, model, self.optimizer, self.scaler, self.ema, du.get_rank(),
+                              du.get_world_size())
+            logger.info("resumed from %s: %d epoch(s) done", resume_from, epoch)
             return epoch
         if cfg.TRAIN.CHECKPOINT_FILE_PATH:
             cu.load_weights(model, cfg.TRAIN.CHECKPOINT_FILE_PATH, reset_head_on_mismatch=True)
             if self.ema is not None:
                 self.ema.module.load_state_dict(model.state_dict())
         return 0
-
-    def check_same_run(self, path: str) -> None:
-        """Auto-resume continues a run; a checkpoint of a differently configured run must not be taken for it."""
-        saved = cu.load_file(path).get("cfg")
-        if not saved:
-            return
-        changed = [k for k in config_differences(CfgNode.load_cfg(saved), self.cfg)
-                   if not k.startswith(RESUMABLE_CHANGES)]
-        if changed:
-            raise ConfigError(f"{path} belongs to a run with a different config ({', '.join(changed)}); resuming it "
-                              "would mix two runs. Use another OUTPUT_DIR, or TRAIN.AUTO_RESUME False to start over")
 
     def scalars(self, stats: dict, step: int) -> None:
         if self.writer is not None:
@@ -201,15 +206,12 @@ class Trainer:
             self.train_loader.sampler.set_epoch(epoch)
             self.train_one_epoch(epoch)
             last = epoch + 1 == max_epoch
+            val_loss = None
             if (epoch + 1) % cfg.TRAIN.EVAL_PERIOD == 0 or last:
-                self.validate(epoch)
+                val_loss = self.validate(epoch)["loss"]
             # Saved after evaluation: the RNG state stored is the one the next epoch starts from.
             if (epoch + 1) % cfg.TRAIN.CHECKPOINT_PERIOD == 0 or last:
-                rng_states = du.all_gather_objects(cu.rng_state())  # every rank's stream, for an exact resume
-                if du.is_master():
-                    path = cu.save_checkpoint(cfg.OUTPUT_DIR, epoch + 1, self.model, self.optimizer, self.scaler,
-                                              self.ema, cfg, cfg.TRAIN.KEEP_LAST_K, rng_states)
-                    logger.info("saved %s", path)
+                self.save(epoch + 1, val_loss)
             du.barrier()
         if self.start_epoch >= max_epoch:
             logger.info("training already finished (%d epochs)", max_epoch)
@@ -217,14 +219,65 @@ class Trainer:
             self.writer.close()
         return cu.unwrap(self.model)
 
+    def save(self, epoch: int, val_loss: Optional[float]) -> None:
+        """Writes the epoch's checkpoint, unless its weights are no longer finite (then training stops)."""
+        model = cu.unwrap(self.model)
+        finite = all(bool(torch.isfinite(p).all()) for p in model.state_dict().values() if p.is_floating_point())
+        if not finite:
+            raise TrainingDiverged(f"the weights became NaN or infinite during epoch {epoch}; training stopped "
+                                   f"without saving them. {self.describe_checkpoints()}; {self.advice()}")
+        evaluated = val_loss is not None
+        # Known good: finite weights whose own validation loss was finite (the loss of the last step was computed
+        # before its update, so it says nothing about the weights saved).
+        self.health[epoch] = {"good": evaluated and bool(np.isfinite(val_loss)), "val_loss": val_loss,
+                              "step": self.global_step}
+        rng_states = du.all_gather_objects(cu.rng_state())  # every rank's stream, for an exact resume
+        if du.is_master():
+            path = cu.save_checkpoint(self.cfg.OUTPUT_DIR, epoch, self.model, self.optimizer, self.scaler,
+                                      self.ema, self.cfg, self.cfg.TRAIN.KEEP_LAST_K, rng_states)
+            logger.info("saved %s", path)
+
+    def describe_checkpoints(self) -> str:
+        """What is known of the checkpoints this run can fall back on, for a divergence message."""
+        found = cu.list_checkpoints(self.cfg.OUTPUT_DIR)
+        if not found:
+            return "No checkpoint was written (no epoch finished)"
+        lines = []
+        for epoch, path in reversed(found):
+            health = self.health.get(epoch)
+            if health is None:
+                lines.append(f"{path} was written before this process started; check it before resuming")
+                break
+            if health["step"] == self.global_step:
+                lines.append(f"{path} holds exactly the weights on which the loss became non-finite: do not "
+                             "resume from it")
+            elif health["good"]:
+                lines.append(f"the last good checkpoint is {path} (finite weights, val loss {health['val_loss']:.4g})")
+                break
+            elif health["good"] is None:
+                lines.append(f"{path}, which this run resumed from, has finite weights; its validation was not "
+                             "checked by this process")
+                break
+            elif health["val_loss"] is None:
+                lines.append(f"{path} has finite weights but was not validated (TRAIN.EVAL_PERIOD), so it is not "
+                             "known to be good")
+            else:
+                lines.append(f"{path} gives a non-finite val loss ({health['val_loss']}): not good")
+        return "; ".join(lines)
+
+    def advice(self) -> str:
+        return "lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRAD_L2NORM"
+
     def validate(self, epoch: int) -> dict:
         # Unwrapped: evaluation shards are uneven, and DDP's forward would expect the same steps on every rank.
         model = self.ema.module if self.ema is not None and self.cfg.MODEL_EMA.EVAL else cu.unwrap(self.model)
-        stats = evaluate(model, self.val_loader, self.device, self.amp_dtype)
+        stats = evaluate(model, self.val_loader, self.device, self.amp_dtype, label=f"val epoch {epoch + 1}",
+                         log_period=self.cfg.LOG_PERIOD)
         stats.update(_type="val", epoch=epoch + 1)
         logger.info("val epoch %d: top1 %.2f%% top5 %.2f%% loss %.4f (%d images)", epoch + 1, stats["top1_acc"],
                     stats["top5_acc"], stats["loss"], stats["num_images"])
         if du.is_master():
+            report_nonfinite(stats, f"val epoch {epoch + 1}")
             log_json_stats(stats)
             self.scalars(stats, epoch + 1)
         return stats
@@ -235,6 +288,7 @@ class Trainer:
         iters = len(self.train_loader)
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # n, loss*n, top1 correct, skipped
         has_aux = hasattr(cu.unwrap(model), "auxiliary_losses")
+        halting = reports(model, "token_depth")
         aux_sums: dict = {}  # name -> loss*n over the epoch; "token_depth" -> mean blocks per token * n
         start = tick = time.perf_counter()
         for it, batch in enumerate(self.train_loader):
@@ -261,9 +315,8 @@ class Trainer:
                 loss = loss + sum(aux.values()) if aux else loss
             if not self.on_all_ranks(bool(torch.isfinite(loss))):
                 raise TrainingDiverged(
-                    f"loss is {loss.item()} (on at least one process) at epoch {epoch + 1}, iteration {it + 1}; training stopped. The last "
-                    f"good checkpoint is {cu.last_checkpoint(cfg.OUTPUT_DIR) or 'none (no epoch finished)'}; "
-                    f"lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRAD_L2NORM")
+                    f"loss is {loss.item()} (on at least one process) at epoch {epoch + 1}, iteration {it + 1}; "
+                    f"training stopped. {self.describe_checkpoints()}; {self.advice()}")
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if cfg.SOLVER.CLIP_GRAD_L2NORM > 0:
@@ -280,9 +333,8 @@ class Trainer:
             sums[1] += loss.detach() * n
             sums[2] += topk_correct(logits.detach(), labels, 1)
             parts = {name: value.detach() for name, value in aux.items()}
-            token_counts = getattr(cu.unwrap(model), "last_token_counts", None)
-            if token_counts is not None:
-                parts["token_depth"] = token_depth(token_counts).mean()
+            if halting:
+                parts["token_depth"] = token_depth(cu.unwrap(model).last_token_counts).mean()
             for name, value in parts.items():
                 aux_sums[name] = aux_sums.get(name, 0.0) + value * n
             if (it + 1) % cfg.LOG_PERIOD == 0 or it + 1 == iters:
@@ -290,7 +342,11 @@ class Trainer:
                                   {name: value.item() for name, value in parts.items()})
                 tick = time.perf_counter()
         sums = du.all_reduce_sum(sums).cpu()
-        n = max(sums[0].item(), 1.0)
+        if sums[0] == 0:
+            raise NoUsableImages(f"epoch {epoch + 1}: no training image could be used ({int(sums[3])} skipped as "
+                                 "undecodable; the warnings above name the files), so nothing was trained; training "
+                                 "stopped")
+        n = sums[0].item()
         stats = {"_type": "train_epoch", "epoch": epoch + 1, "loss": sums[1].item() / n,
                  "top1_acc": 100.0 * sums[2].item() / n, "lr": self.lr, "skipped_images": int(sums[3].item()),
                  "epoch_time_s": time.perf_counter() - start}
@@ -347,23 +403,40 @@ def test_checkpoint(cfg) -> str:
     return path
 
 
+def results_path(cfg) -> str:
+    """Where TEST.SAVE_RESULTS_PATH writes (relative to OUTPUT_DIR), or "" when nothing is saved."""
+    return os.path.join(cfg.OUTPUT_DIR, cfg.TEST.SAVE_RESULTS_PATH) if cfg.TEST.SAVE_RESULTS_PATH else ""
+
+
 def test(cfg) -> dict:
     """Evaluates the test checkpoint on TEST.SPLIT; logs and returns top-1/top-5 and per-image GMACs."""
-    model, device = prepare(cfg, "test")
+    setup_logging("", du.get_rank())  # the console only, until the job is accepted
     path = test_checkpoint(cfg)
-    cu.load_weights(model, path, prefer_ema=cfg.MODEL_EMA.ENABLE and cfg.MODEL_EMA.EVAL)
     loader = construct_loader(cfg, cfg.TEST.SPLIT, du.get_rank(), du.get_world_size(), is_train=False)
-    stats = evaluate(model, loader, device, amp_dtype(cfg, device), keep_predictions=bool(cfg.TEST.SAVE_RESULTS_PATH))
+    model, device = prepare(cfg, "test")
+    out = results_path(cfg)
+    if out and du.is_master():  # checked before the evaluation, which may take hours
+        ensure_writable_file(out, "TEST.SAVE_RESULTS_PATH")
+    if cfg.TRAIN.ENABLE and cfg.TEST.CHECKPOINT_FILE_PATH:
+        logger.warning("TEST.CHECKPOINT_FILE_PATH is set: the test job evaluates %s, not the checkpoint this run "
+                       "trained", path)
+    cu.load_weights(model, path, prefer_ema=cfg.MODEL_EMA.ENABLE and cfg.MODEL_EMA.EVAL)
+    stats = evaluate(model, loader, device, amp_dtype(cfg, device), keep_predictions=bool(out),
+                     label=f"test on {cfg.TEST.SPLIT}", log_period=cfg.LOG_PERIOD)
     predictions = stats.pop("predictions", None)
     stats.update(_type="test_final", checkpoint=path, split=cfg.TEST.SPLIT)
     if du.is_master():
         logger.info("test on %s (%d images): top1 %.2f%% top5 %.2f%%", cfg.TEST.SPLIT, stats["num_images"],
                     stats["top1_acc"], stats["top5_acc"])
+        report_nonfinite(stats, f"test on {cfg.TEST.SPLIT}")
         if "gmacs_mean" in stats:
-            logger.info("GMACs per image: mean %.4f, p50 %.4f, p95 %.4f; mean token depth %.2f of %d blocks; "
-                        "kept tokens per block (mean [min, max]): %s",
-                        stats["gmacs_mean"], stats["gmacs_p50"], stats["gmacs_p95"], stats["token_depth_mean"],
-                        len(stats["tokens_per_block_mean"]),
+            logger.info("GMACs per image: mean %.4f, p50 %.4f, p95 %.4f", stats["gmacs_mean"], stats["gmacs_p50"],
+                        stats["gmacs_p95"])
+        if "token_depth_mean" in stats:
+            logger.info("mean token depth %.2f of %d blocks", stats["token_depth_mean"],
+                        len(stats["tokens_per_block_mean"]))
+        if "tokens_per_block_mean" in stats:
+            logger.info("kept tokens per block (mean [min, max]): %s",
                         " ".join(f"{m:.1f}[{lo},{hi}]" for m, lo, hi in zip(stats["tokens_per_block_mean"],
                                  stats["tokens_per_block_min"], stats["tokens_per_block_max"])))
         log_json_stats(stats)
@@ -376,8 +449,8 @@ def test(cfg) -> dict:
                         if isinstance(v, (int, float)):
                             writer.add_scalar(f"test/{key}" + (f"/{i}" if isinstance(value, list) else ""), v)
         if predictions is not None:
-            out = os.path.join(cfg.OUTPUT_DIR, cfg.TEST.SAVE_RESULTS_PATH)
-            with g_pathmgr.open(out, "wb") as f:
+            with g_pathmgr.open(out + ".tmp", "wb") as f:
                 torch.save(predictions, f)
+            os.replace(out + ".tmp", out)
             logger.info("predictions saved to %s", out)
     return stats

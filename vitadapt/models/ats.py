@@ -19,6 +19,8 @@ all scores equal to zero) keeps all its tokens at that stage; a budget below 2 i
 the most significant token).
 """
 
+import logging
+import re
 from typing import List, Optional, Sequence
 
 import torch
@@ -29,6 +31,8 @@ from vitadapt.config import register_config
 from .build import MODEL_REGISTRY
 from .tokens import TokenAdapter, TokenBatch
 from .vit import VisionTransformer, vit_kwargs
+
+logger = logging.getLogger(__name__)
 
 SCORE_PADDINGS = ("none", "batch_max", "full")
 
@@ -131,6 +135,8 @@ def nearest_first(cdf: Tensor, ys: Tensor) -> Tensor:
 class ATSVisionTransformer(VisionTransformer):
     """DeiT with ATS after the attention of the blocks in `ats_blocks`; parameter-free, loads DeiT weights."""
 
+    token_statistics = ("kept_tokens",)
+
     def __init__(self, ats_blocks: Sequence[int] = (), budgets: Sequence[float] = (), score_padding: str = "none",
                  **vit_args):
         super().__init__(**vit_args)
@@ -147,6 +153,11 @@ class ATSVisionTransformer(VisionTransformer):
     def from_config(cls, cfg) -> "ATSVisionTransformer":
         return cls(ats_blocks=cfg.ATS.BLOCKS, budgets=cfg.ATS.BUDGETS, score_padding=cfg.ATS.SCORE_PADDING,
                    **vit_kwargs(cfg))
+
+    def adapt_official_state_dict(self, sd: dict, report) -> dict:
+        """Called by every checkpoint load (vitadapt.models.convert.load_into_model): official ATS files carry
+        an all-zero `attn.out_zero_mask` per ATS block, which this model does not have."""
+        return convert_official_state_dict(sd, report, self.ats_blocks)
 
     def samplers(self) -> List[AdaptiveTokenSampler]:
         return [self.blocks[i].adapter for i in self.ats_blocks]
@@ -181,11 +192,38 @@ def validate_ats_config(cfg) -> None:
     if any(not 0 <= b < cfg.VIT.DEPTH for b in a.BLOCKS) or len(set(a.BLOCKS)) != len(a.BLOCKS):
         raise ConfigError(f"ATS.BLOCKS {list(a.BLOCKS)} must be distinct block indices in [0, VIT.DEPTH={cfg.VIT.DEPTH})")
     if len(a.BUDGETS) not in (1, len(a.BLOCKS)):
-        raise ConfigError(f"ATS.BUDGETS needs 1 value or one per ATS.BLOCKS entry ({len(a.BLOCKS)}), got {len(a.BUDGETS)}")
+        raise ConfigError(f"ATS.BUDGETS {list(a.BUDGETS)} needs 1 value or one per ATS.BLOCKS entry "
+                          f"({len(a.BLOCKS)}: {list(a.BLOCKS)}), got {len(a.BUDGETS)}")
     if any(b < 0 for b in a.BUDGETS):
         raise ConfigError(f"ATS.BUDGETS must be >= 0, got {list(a.BUDGETS)}")
     if a.SCORE_PADDING not in SCORE_PADDINGS:
         raise ConfigError(f"ATS.SCORE_PADDING must be one of {SCORE_PADDINGS}, got '{a.SCORE_PADDING}'")
+    _warn_degenerate_ats(cfg)
+
+
+def _warn_degenerate_ats(cfg) -> None:
+    """Valid configs under which ATS does nothing, or keeps a single patch token: logged, not refused (a study
+    may want them)."""
+    a = cfg.ATS
+    if not a.BLOCKS:
+        logger.warning("ATS.BLOCKS is empty: no block samples tokens, the model is a plain ViT")
+        return
+    if 1.0 in a.BUDGETS:
+        logger.warning("ATS.BUDGETS %s: a budget of 1 is read as the ratio 1.0 of a stage's tokens (budgets <= 1 "
+                       "are ratios), which limits nothing; write 0 for no budget, or a token count >= 2",
+                       list(a.BUDGETS))
+    # Upper bound on the tokens (CLS included) each stage keeps, as num_samples computes it, at the test size.
+    n = (cfg.DATA.TEST_CROP_SIZE // cfg.VIT.PATCH_SIZE) ** 2 + 1
+    budgets = list(a.BUDGETS) * len(a.BLOCKS) if len(a.BUDGETS) == 1 else list(a.BUDGETS)
+    for block, budget in sorted(zip(a.BLOCKS, budgets)):
+        if budget > 0:
+            k = max(round(budget * n) if budget <= 1 else round(budget), 2)
+            n = min(n, k)
+        if n <= 2:
+            logger.warning("ATS.BUDGETS %s with ATS.BLOCKS %s: from block %d on, ATS keeps at most CLS and 1 patch "
+                           "token (at DATA.TEST_CROP_SIZE %d); the image is classified from a single token",
+                           list(a.BUDGETS), list(a.BLOCKS), block, cfg.DATA.TEST_CROP_SIZE)
+            return
 
 
 def official_to_config_opts(config: dict) -> List[str]:
@@ -207,16 +245,31 @@ def official_to_config_opts(config: dict) -> List[str]:
     return [str(x) for kv in pairs.items() for x in kv]
 
 
-def convert_official_state_dict(sd: dict) -> dict:
-    """Drops the official ATS blocks' `attn.out_zero_mask` (an all-zero, unused parameter); refuses non-zero ones."""
-    out = {}
-    for key, value in sd.items():
-        if key.endswith("attn.out_zero_mask"):
-            if value.abs().sum() != 0:
-                raise ValueError(f"{key} is not all zeros; this is not an official ATS checkpoint")
-            continue
-        out[key] = value
-    return out
+_MASK = re.compile(r"^blocks\.(\d+)\.attn\.out_zero_mask$")
+
+
+def convert_official_state_dict(sd: dict, report=None, ats_blocks: Optional[Sequence[int]] = None) -> dict:
+    """Drops the official ATS blocks' `attn.out_zero_mask` (an all-zero, unused parameter, spec §2.2) and says so
+    in `report`; refuses non-zero ones, which no official model has: their weights would not be what they seem.
+    With `ats_blocks`, warns when the file's ATS blocks (those with a mask) are not the model's ATS.BLOCKS."""
+    from .convert import CheckpointMismatchError
+
+    masks = [k for k in sd if _MASK.match(k)]
+    if not masks:
+        return sd
+    source = report.source if report is not None else "state_dict"
+    nonzero = [k for k in masks if sd[k].count_nonzero()]  # NaN counts as non-zero
+    if nonzero:
+        raise CheckpointMismatchError(f"{source}: {', '.join(nonzero)} is not all zeros; the official ATS model "
+                                      "keeps it at zero, so this is not an official ATS checkpoint")
+    blocks = sorted(int(_MASK.match(k).group(1)) for k in masks)
+    if report is not None:
+        report.converted.append(f"dropped attn.out_zero_mask of blocks {blocks} (all zeros, unused)")
+    if ats_blocks is not None and blocks != sorted(ats_blocks):
+        logger.warning("%s was trained with ATS at blocks %s (its out_zero_mask keys), but ATS.BLOCKS is %s: the "
+                       "weights load (ATS has none), the token sampling differs from training", source, blocks,
+                       sorted(ats_blocks))
+    return {k: v for k, v in sd.items() if k not in masks}
 
 
 register_config("ATS", add_ats_config, validate_ats_config)

@@ -127,6 +127,8 @@ class HaltingState:
 class AViTVisionTransformer(VisionTransformer):
     """DeiT whose tokens halt one by one (A-ViT); state_dict keys are DeiT's, no extra parameters."""
 
+    token_statistics = ("kept_tokens", "token_depth")
+
     # Blocks may see no live token (every token halted), so DDP must expect unused parameters.
     has_unused_parameters = True
 
@@ -321,6 +323,21 @@ def validate_avit_config(cfg) -> None:
     if not 1 <= a.PRIOR_TARGET_DEPTH < cfg.VIT.DEPTH:
         raise ConfigError(f"AVIT.PRIOR_TARGET_DEPTH must be in [1, VIT.DEPTH) = [1, {cfg.VIT.DEPTH}), "
                           f"got {a.PRIOR_TARGET_DEPTH}")
+    # Valid configs under which halting stops depending on the token, or every token halts at once: logged, not
+    # refused (tests and studies use them). A token whose channel 0 is 0 gets h0 = sigmoid(-GATE_CENTER) per block
+    # and halts after the first block at which its cumulative score exceeds 1 - HALTING_EPS.
+    h0 = 1.0 / (1.0 + math.exp(min(a.GATE_CENTER, 700.0)))
+    blocks = min(cfg.VIT.DEPTH, math.floor((1 - a.HALTING_EPS) / h0) + 1)
+    gate = (f"AVIT.GATE_SCALE {a.GATE_SCALE:g}, AVIT.GATE_CENTER {a.GATE_CENTER:g}, AVIT.HALTING_EPS "
+            f"{a.HALTING_EPS:g}")
+    if a.GATE_SCALE == 0:
+        logger.warning("%s: with a gate scale of 0 every token gets the same halting score %.3g per block, so all "
+                       "tokens halt together after %d of VIT.DEPTH=%d blocks; halting no longer adapts to the token",
+                       gate, h0, blocks, cfg.VIT.DEPTH)
+    elif a.GATE_CENTER <= 0 or blocks <= 1:
+        logger.warning("%s: a token whose channel 0 is near 0 gets halting score %.3g per block and halts after %d of "
+                       "VIT.DEPTH=%d blocks; almost every token stops at once (the official centers are 30 to 75)",
+                       gate, h0, blocks, cfg.VIT.DEPTH)
 
 
 register_config("AVIT", add_avit_config, validate_avit_config)

@@ -80,6 +80,8 @@ def keep_rate_at(epoch: int, iteration: int, iters_per_epoch: int, base: float, 
 class EViTVisionTransformer(VisionTransformer):
     """DeiT whose blocks in `locations` keep the most attended tokens (and fuse the rest); no extra parameters."""
 
+    token_statistics = ("kept_tokens",)
+
     def __init__(self, keep_rate: float = 0.7, locations: Sequence[int] = (3, 6, 9), fuse_token: bool = True,
                  shrink_start_epoch: float = 0, shrink_epochs: float = 0, **vit_args):
         super().__init__(**vit_args)
@@ -130,6 +132,8 @@ def add_evit_config(cfg) -> None:
 
 
 def validate_evit_config(cfg) -> None:
+    import logging
+
     from vitadapt.config import ConfigError
 
     if cfg.MODEL.NAME != "EViTVisionTransformer":
@@ -138,12 +142,31 @@ def validate_evit_config(cfg) -> None:
     if not 0 < e.KEEP_RATE <= 1:
         raise ConfigError(f"EVIT.KEEP_RATE must be in (0, 1], got {e.KEEP_RATE}")
     if any(not 0 <= b < cfg.VIT.DEPTH for b in e.LOCATIONS) or len(set(e.LOCATIONS)) != len(e.LOCATIONS):
-        raise ConfigError(f"EVIT.LOCATIONS {list(e.LOCATIONS)} must be distinct block indices in [0, VIT.DEPTH)")
+        raise ConfigError(f"EVIT.LOCATIONS {list(e.LOCATIONS)} must be distinct block indices in "
+                          f"[0, VIT.DEPTH={cfg.VIT.DEPTH})")
     if e.SHRINK_START_EPOCH < 0 or e.SHRINK_EPOCHS < 0:
-        raise ConfigError("EVIT.SHRINK_START_EPOCH and EVIT.SHRINK_EPOCHS must be >= 0")
+        raise ConfigError(f"EVIT.SHRINK_START_EPOCH ({e.SHRINK_START_EPOCH}) and EVIT.SHRINK_EPOCHS "
+                          f"({e.SHRINK_EPOCHS}) must be >= 0")
     if cfg.VIT.TOKEN_EXECUTION != "packed":
-        raise ConfigError("EViT keeps the same number of tokens in every image and runs dense; "
-                          "leave VIT.TOKEN_EXECUTION at packed")
+        raise ConfigError(f"EViT keeps the same number of tokens in every image and runs dense; "
+                          f"leave VIT.TOKEN_EXECUTION at packed, got '{cfg.VIT.TOKEN_EXECUTION}'")
+    # Valid configs under which EViT drops nothing, or keeps a single attentive token: logged, not refused.
+    log = logging.getLogger(__name__)
+    if e.KEEP_RATE == 1 or not e.LOCATIONS:
+        log.warning("EVIT.KEEP_RATE %g with EVIT.LOCATIONS %s: no block drops tokens, the model is a plain ViT",
+                    e.KEEP_RATE, list(e.LOCATIONS))
+        return
+    n = (cfg.DATA.TEST_CROP_SIZE // cfg.VIT.PATCH_SIZE) ** 2  # non-CLS tokens, as EViTReorganize counts them
+    for block in sorted(e.LOCATIONS):
+        k = math.ceil(e.KEEP_RATE * n)
+        if k <= 1:
+            log.warning("EVIT.KEEP_RATE %g with EVIT.LOCATIONS %s: from block %d on, EViT keeps 1 attentive patch "
+                        "token (of %d at DATA.TEST_CROP_SIZE %d)%s; the image is classified from almost nothing",
+                        e.KEEP_RATE, list(e.LOCATIONS), block, n, cfg.DATA.TEST_CROP_SIZE,
+                        " and the fused token" if e.FUSE_TOKEN else "")
+            return
+        if k < n:
+            n = k + (1 if e.FUSE_TOKEN else 0)
 
 
 register_config("EVIT", add_evit_config, validate_evit_config)

@@ -5,11 +5,17 @@ fewer MACs); fvcore traces the real graph and serves as its check. Both count on
 "flop", the convention of fvcore and of the DeiT/ATS/EViT papers' GFLOPs.
 """
 
+import warnings
 from typing import Any, List
 
 import torch
-from fvcore.nn import FlopCountAnalysis
 from torch import Tensor, nn
+
+with warnings.catch_warnings():
+    # fvcore.nn imports its focal loss, which calls torch.jit.script at import time: a FutureWarning on every
+    # run that is about fvcore's code, not ours.
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
 
 
 def block_macs(n_attn: Tensor, n_mlp: Tensor, dim: int, mlp_hidden: int) -> Tensor:

@@ -86,6 +86,10 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """DeiT / timm ViT with a CLS token and absolute positional embeddings."""
 
+    # Per-image statistics the engine logs for this model beyond accuracy and GMACs (README, 'Statistics in the
+    # logs'): "kept_tokens" where a method changes which tokens exist, "token_depth" where tokens halt.
+    token_statistics: tuple = ()
+
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
