@@ -37,8 +37,8 @@ from vitadapt.errors import VitadaptError  # noqa: E402
 from vitadapt.engine.output_dir import ensure_writable_file  # noqa: E402
 from vitadapt.engine.trainer import amp_dtype, select_device  # noqa: E402
 from vitadapt.models import build_model  # noqa: E402
-from vitadapt.models.flops import fvcore_macs, vit_macs  # noqa: E402
-from vitadapt.models.synthetic import add_halting_drift_, sharpen_  # noqa: E402
+from vitadapt.models.flops import fvcore_macs  # noqa: E402
+from vitadapt.models.synthetic import add_halting_drift_, calibrate_decisions_, sharpen_  # noqa: E402
 from vitadapt.utils.checkpoint import load_weights  # noqa: E402
 
 
@@ -52,7 +52,9 @@ def parse(argv=None):
                         help="weights when no TEST.CHECKPOINT_FILE_PATH is set: the model's own init, or synthetic "
                              "weights (vitadapt.models.synthetic), the same for both configs: 'sharpened' has "
                              "peaked attention, under which token-sampling methods drop tokens as with trained "
-                             "weights; 'halting' adds a channel-0 drift to it, under which A-ViT tokens halt")
+                             "weights; 'halting' adds a channel-0 drift to it, under which A-ViT tokens halt. "
+                             "With either, AdaViT's decision heads are calibrated on the inputs to keep about 3/4 of "
+                             "the heads, branches and tokens, differently per image")
     args, opts = parser.parse_known_args(argv)
     flags = [o for o in opts if o.startswith("--")]
     if flags:  # a mistyped option would otherwise reach the config as a key
@@ -120,6 +122,8 @@ class Subject:
         batch_sizes = batch_sizes or self.cfg.BENCHMARK.BATCH_SIZES
         largest = make_inputs(self.cfg, max(batch_sizes), use_data)
         self.inputs = {b: largest[:b].to(self.device) for b in batch_sizes}
+        if not self.cfg.TEST.CHECKPOINT_FILE_PATH and init in ("sharpened", "halting"):
+            calibrate_decisions_(self.model, largest.to(self.device), usage=0.75)
         self.results = {}
 
     @torch.inference_mode()
@@ -153,12 +157,12 @@ class Subject:
     def gmacs(self):
         largest = max(self.inputs)
         self.forward(largest)
-        per_image = vit_macs(self.model, self.model.last_token_counts) / 1e9
+        per_image = self.model.macs_per_image() / 1e9
         first = self.inputs[largest][:1]
         with torch.autocast(self.device.type, enabled=False):
             fv = fvcore_macs(self.model, first.float()) / 1e9
             self.model(first.float())
-            first_analytic = vit_macs(self.model, self.model.last_token_counts)[0].item() / 1e9
+            first_analytic = self.model.macs_per_image()[0].item() / 1e9
         return {"gmacs_mean": per_image.mean().item(), "gmacs_min": per_image.min().item(),
                 "gmacs_max": per_image.max().item(), "gmacs_first_image": first_analytic,
                 "gmacs_fvcore_first_image": fv}

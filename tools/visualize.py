@@ -12,6 +12,12 @@ greyed out and hatched (tinted blue where they were fused into one token, EViT),
 Token-halting models (A-ViT) get the official demo's three pictures instead: image_XXXX_input.png, the
 per-token depth map image_XXXX_depth.png ('hot' colours, white = full depth) and image_XXXX.png with input,
 depth map and their blend side by side; both maps carry a colour bar labelled with the depth in blocks.
+AdaViT models get one picture per image with the input and every block (7 panels a row): the patch tokens that took
+part in the block (the others greyed out and hatched), a title with the tokens, heads kept and attention / MLP branch
+on or off, a strip of marks under it (one square per head, one for each branch: ran, dropped / off, or ran without a
+decision), a skipped block (both branches off) crossed out in red, and a legend. With --init sharpened their
+decision heads are rescaled on the first 16 images so that decisions differ between images
+(vitadapt.models.synthetic.calibrate_decisions_).
 Small inputs (the 32 px digits demo) are enlarged to about 160 px, pixels kept sharp.
 """
 
@@ -20,6 +26,8 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -34,8 +42,9 @@ from vitadapt.errors import VitadaptError  # noqa: E402
 from vitadapt.engine.output_dir import ensure_writable_dir  # noqa: E402
 from vitadapt.engine.trainer import test_checkpoint  # noqa: E402
 from vitadapt.models import build_model  # noqa: E402
+from vitadapt.models.adavit import AdaViTVisionTransformer  # noqa: E402
 from vitadapt.models.evit import FUSED_ID  # noqa: E402
-from vitadapt.models.synthetic import add_halting_drift_, sharpen_  # noqa: E402
+from vitadapt.models.synthetic import add_halting_drift_, calibrate_decisions_, sharpen_  # noqa: E402
 from vitadapt.utils.checkpoint import load_weights  # noqa: E402
 
 logger = logging.getLogger("vitadapt.visualize")
@@ -178,18 +187,8 @@ def compose(panels, titles, legend=(), bar=None) -> Image.Image:
     top = origins[0][1]
     width = origins[-1][0] + panels[-1].shape[-1] + PAD + (bar.width + PAD if bar is not None else 0)
     bottom = top + max(p.shape[-2] for p in panels) + PAD
-    # The legend flows into as many rows as the width needs (a single small panel gets a narrow picture).
-    rows, row, used = [], [], 0
-    for swatch, text in legend:
-        w = (SWATCH + 4 if swatch is not None else 0) + int(f.getlength(text)) + 12
-        if row and used + w > width - 2 * PAD:
-            rows.append(row)
-            row, used = [], 0
-        row.append((swatch, text))
-        used += w
-    rows += [row] if row else []
-    width = max([width] + [2 * PAD + sum((SWATCH + 4 if s is not None else 0) + int(f.getlength(t)) + 12 for s, t in r)
-                           for r in rows])
+    rows = legend_rows(legend, width, f)
+    width = max([width] + [2 * PAD + sum(legend_item_width(s, t, f) for s, t in r) for r in rows])
     canvas = Image.new("RGB", (width, bottom + len(rows) * (lh + 2) + (PAD if rows else 0)), "white")
     draw = ImageDraw.Draw(canvas)
     for (x, y), panel, lines in zip(origins, panels, titles):
@@ -200,8 +199,33 @@ def compose(panels, titles, legend=(), bar=None) -> Image.Image:
             draw.text((x + panel.shape[-1] / 2, PAD + k * lh), line, fill=(0, 0, 0), font=f, anchor="ma")
     if bar is not None:
         canvas.paste(bar, (origins[-1][0] + panels[-1].shape[-1] + PAD, top))
+    draw_legend(canvas, rows, bottom, f)
+    return canvas
+
+
+def legend_item_width(swatch, text: str, f) -> int:
+    return (SWATCH + 4 if swatch is not None else 0) + int(f.getlength(text)) + 12
+
+
+def legend_rows(legend, width: int, f):
+    """The legend items (swatch tensor or None, text) flowed into as many rows as a picture `width` px wide needs
+    (a single small panel gets a narrow picture)."""
+    rows, row, used = [], [], 0
+    for swatch, text in legend:
+        w = legend_item_width(swatch, text, f)
+        if row and used + w > width - 2 * PAD:
+            rows.append(row)
+            row, used = [], 0
+        row.append((swatch, text))
+        used += w
+    return rows + ([row] if row else [])
+
+
+def draw_legend(canvas: Image.Image, rows, top: int, f) -> None:
+    draw = ImageDraw.Draw(canvas)
+    lh = line_height(f)
     for r, items in enumerate(rows):
-        x, y = PAD, bottom + r * (lh + 2)
+        x, y = PAD, top + r * (lh + 2)
         for swatch, text in items:
             if swatch is not None:
                 canvas.paste(to_pil_image(swatch), (x, y + (lh - SWATCH) // 2))
@@ -210,7 +234,6 @@ def compose(panels, titles, legend=(), bar=None) -> Image.Image:
                 x += SWATCH + 4
             draw.text((x, y), text, fill=(0, 0, 0), font=f)
             x += int(f.getlength(text)) + 12
-    return canvas
 
 
 def save_depth_pictures(out_dir: str, index: int, rgb: torch.Tensor, depth: torch.Tensor, grid, patch: int,
@@ -227,6 +250,201 @@ def save_depth_pictures(out_dir: str, index: int, rgb: torch.Tensor, depth: torc
     return stem + ".png"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# AdaViT: per block, the patch tokens that took part, the heads kept and the attention / MLP branches on or off.
+
+ON = (0.15, 0.4, 0.8)  # strip marks: a head or branch that ran...
+FIXED = (0.7, 0.78, 0.92)  # ...that ran without a decision (blocks before ADAVIT.KEEP_LAYERS)...
+OFF = (1.0, 1.0, 1.0)  # ...that was dropped or off
+CROSS = (0.85, 0.1, 0.1)  # the cross over a skipped block
+MARK = 10  # side of a strip mark in pixels, at most
+CALIBRATION_IMAGES = 16  # --init sharpened on AdaViT: images that calibrate_decisions_ measures
+COLUMNS = 7  # panels per row: the input and 4 blocks in one row, 12 blocks in two
+# Share of decisions on, on the images of `calibrate_decisions_` (--init sharpened): tokens kept, heads kept, branches on.
+SYNTHETIC_USAGE = {"tokens": 0.6, "heads": 0.7, "layer": 0.7}
+
+
+@dataclass(frozen=True)
+class BlockUse:
+    """What one image decided in one AdaViT block; None where the block has no such decision (all of it runs)."""
+
+    block: int
+    tokens: Optional[torch.Tensor] = None  # [patches] bool: kept by the token decision (CLS always takes part)
+    heads: Optional[torch.Tensor] = None  # [H] bool
+    attn: Optional[bool] = None
+    mlp: Optional[bool] = None
+
+    @property
+    def skipped(self) -> bool:
+        return self.attn is False and self.mlp is False
+
+
+def block_uses(decisions, index: int):
+    """The BlockUse of image `index` in every block, from an AdaViT model's `last_decisions`."""
+    return [BlockUse(b, None if d.tokens is None else d.tokens[index, 1:] > 0.5,
+                     None if d.heads is None else d.heads[index] > 0.5,
+                     None if d.layer is None else bool(d.layer[index, 0] > 0.5),
+                     None if d.layer is None else bool(d.layer[index, 1] > 0.5)) for b, d in enumerate(decisions)]
+
+
+def took_part(use: BlockUse, n: int, token_with_mlp: bool = True) -> torch.Tensor:
+    """[n] bool: the patch tokens a block computed (its attention or MLP updated them)."""
+    if use.skipped:
+        return torch.zeros(n, dtype=torch.bool)
+    if use.tokens is None or (use.attn is False and not token_with_mlp):  # MLP only, on every token
+        return torch.ones(n, dtype=torch.bool)
+    return use.tokens.cpu()
+
+
+def block_marks(use: BlockUse, num_heads: int):
+    """(head states, attention state, MLP state) of a block's strip, each 'on', 'off' or 'fixed' (ran, no
+    decision): what ran, so nothing is 'on' in a skipped block."""
+    def state(decision):
+        return "fixed" if decision is None else "on" if decision else "off"
+
+    if use.skipped:
+        return ("off",) * num_heads, "off", "off"
+    heads = ("fixed",) * num_heads if use.heads is None else tuple(state(bool(h)) for h in use.heads)
+    return heads, state(use.attn), state(use.mlp)
+
+
+def adavit_layout(uses, n: int, num_heads: int, token_with_mlp: bool = True, gmacs: Optional[float] = None):
+    """(titles, marks, legend) of one image's AdaViT picture: the title lines of the input panel and of every
+    block's panel, the strip marks under every block's panel (block_marks), and the legend items (swatch tensor
+    or None, text)."""
+    titles = [["input", f"{n} patches, {num_heads} heads", "" if gmacs is None else f"{gmacs:.3g} GMACs"]]
+    for use in uses:
+        if use.skipped:
+            titles.append([f"block {use.block}: skipped", "attn off, MLP off", "nothing computed"])
+            continue
+        kept = int(took_part(use, n, token_with_mlp).sum())
+        heads = num_heads if use.heads is None else int(use.heads.sum())
+        on = {None: "on", True: "on", False: "off"}
+        titles.append([f"block {use.block}: {kept}/{n} tokens", f"heads {heads}/{num_heads}",
+                       f"attn {on[use.attn]}, MLP {on[use.mlp]}"])
+    marks = [block_marks(use, num_heads) for use in uses]
+    legend = [(None, "token took part: as in the input")]
+    if any(not u.skipped and not bool(took_part(u, n, token_with_mlp).all()) for u in uses):
+        legend.append((fade(torch.full((3, SWATCH, SWATCH), 0.5), torch.ones(SWATCH, SWATCH, dtype=torch.bool),
+                            DROPPED), "token skipped the block" if token_with_mlp else "token skipped attention"))
+    if any(u.skipped for u in uses):
+        legend.append((skipped_panel(torch.full((3, SWATCH, SWATCH), 0.5), width=2), "block skipped"))
+    legend.append((mark_swatch("on"), "head / branch ran"))
+    legend.append((mark_swatch("off"), "dropped / off"))
+    if any("fixed" in (*m[0], m[1], m[2]) for m in marks):
+        legend.append((mark_swatch("fixed"), "ran, no decision in this block"))
+    return titles, marks, legend
+
+
+def mark_swatch(state: str) -> torch.Tensor:
+    colour = {"on": ON, "off": OFF, "fixed": FIXED}[state]
+    return torch.tensor(colour)[:, None, None].expand(3, SWATCH, SWATCH).contiguous()
+
+
+def skipped_panel(image: torch.Tensor, width: int = 4) -> torch.Tensor:
+    """A skipped block's panel: every patch faded and hatched, a red cross over it."""
+    h, w = image.shape[-2:]
+    out = fade(image, torch.ones(h, w, dtype=torch.bool), DROPPED)
+    rows, cols = torch.arange(h)[:, None].float() / max(h - 1, 1), torch.arange(w)[None, :].float() / max(w - 1, 1)
+    band = width / max(h, w)
+    cross = ((rows - cols).abs() < band) | ((rows + cols - 1).abs() < band)
+    return torch.where(cross, torch.tensor(CROSS)[:, None, None], out)
+
+
+def render_adavit(image: torch.Tensor, uses, grid, patch: int, token_with_mlp: bool = True):
+    """Panels: the image, then one per block with the patches that did not take part faded and hatched (fade); a
+    skipped block's panel entirely so, crossed out (skipped_panel)."""
+    n = grid[0] * grid[1]
+    panels = [image]
+    for use in uses:
+        if use.skipped:
+            panels.append(skipped_panel(image))
+            continue
+        kept = took_part(use, n, token_with_mlp)
+        mask = kept.view(grid).repeat_interleave(patch, 0).repeat_interleave(patch, 1)
+        panels.append(fade(image, ~mask, DROPPED))
+    return panels
+
+
+def strip_height(f) -> int:
+    return 2 * line_height(f) + 2
+
+
+def draw_strip(draw, x: int, y: int, width: int, marks, f) -> None:
+    """Two rows under a block's panel: 'heads' and one square per head; 'attn' and 'MLP' with theirs."""
+    heads, attn, mlp = marks
+    lh = line_height(f)
+    label = int(f.getlength("heads ")) + 2
+    side = max(3, min(MARK, (width - label) // max(len(heads), 1) - 2))
+
+    def square(x0, y0, state):
+        colour = tuple(int(255 * c) for c in {"on": ON, "off": OFF, "fixed": FIXED}[state])
+        top = y0 + (lh - side) // 2
+        draw.rectangle((x0, top, x0 + side - 1, top + side - 1), fill=colour, outline=(0, 0, 0))
+
+    draw.text((x, y), "heads", fill=(0, 0, 0), font=f)
+    for j, state in enumerate(heads):
+        square(x + label + j * (side + 2), y, state)
+    y += lh + 2
+    cx = x
+    for name, state in (("attn", attn), ("MLP", mlp)):
+        draw.text((cx, y), name, fill=(0, 0, 0), font=f)
+        cx += int(f.getlength(name)) + 3
+        square(cx, y, state)
+        cx += side + 12
+
+
+def grid_origins(widths, heights, title_lines: int, strip: int, columns: int = COLUMNS):
+    """Top-left corner (x, y) of each panel of a picture from `compose_blocks`: `columns` panels a row, each row
+    under its title lines and above its strips."""
+    lh = line_height(font())
+    origins, y = [], PAD
+    for start in range(0, len(widths), columns):
+        row = range(start, min(start + columns, len(widths)))
+        x = PAD
+        for i in row:
+            origins.append((x, y + title_lines * lh))
+            x += widths[i] + PAD
+        y += title_lines * lh + max(heights[i] for i in row) + strip + PAD
+    return origins
+
+
+def compose_blocks(panels, titles, marks, legend=(), columns: int = COLUMNS) -> Image.Image:
+    """One AdaViT picture: `columns` panels a row, each under its title lines, each block's panel above its strip
+    of marks (draw_strip; marks[k] belongs to panels[k + 1], the input has none), the legend below."""
+    f, small = font(), font(11)
+    lh = line_height(f)
+    widths, heights = [p.shape[-1] for p in panels], [p.shape[-2] for p in panels]
+    lines, strip = max(map(len, titles)), strip_height(small)
+    origins = grid_origins(widths, heights, lines, strip, columns)
+    width = max(x + w for (x, _), w in zip(origins, widths)) + PAD
+    bottom = max(y + h for (_, y), h in zip(origins, heights)) + strip + PAD
+    rows = legend_rows(legend, width, f)
+    width = max([width] + [2 * PAD + sum(legend_item_width(s, t, f) for s, t in r) for r in rows])
+    canvas = Image.new("RGB", (width, bottom + len(rows) * (lh + 2) + (PAD if rows else 0)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, ((x, y), panel, title) in enumerate(zip(origins, panels, titles)):
+        canvas.paste(to_pil_image(panel.clamp(0, 1)), (x, y))
+        draw.rectangle((x - 1, y - 1, x + panel.shape[-1], y + panel.shape[-2]), outline=(160, 160, 160))
+        for j, line in enumerate(title):
+            draw.text((x + panel.shape[-1] / 2, y - (lines - j) * lh), line, fill=(0, 0, 0), font=f, anchor="ma")
+        if k > 0:
+            draw_strip(draw, x, y + panel.shape[-2] + 3, panel.shape[-1], marks[k - 1], small)
+    draw_legend(canvas, rows, bottom, f)
+    return canvas
+
+
+def save_adavit_picture(path: str, rgb: torch.Tensor, uses, grid, patch: int, num_heads: int,
+                        token_with_mlp: bool = True, gmacs: Optional[float] = None) -> Image.Image:
+    scale = max(1, PANEL_SIZE // rgb.shape[-1])  # small inputs (the digits demo) are enlarged, pixels kept sharp
+    panels = render_adavit(enlarge(rgb, scale), uses, grid, patch * scale, token_with_mlp)
+    titles, marks, legend = adavit_layout(uses, grid[0] * grid[1], num_heads, token_with_mlp, gmacs)
+    picture = compose_blocks(panels, titles, marks, legend)
+    picture.save(path)
+    return picture
+
+
+@torch.no_grad()
 def pick_most_varied(model, images: torch.Tensor, count: int) -> torch.Tensor:
     """The `count` images whose per-token depths have the largest standard deviation (A-ViT --demo)."""
     with torch.no_grad():
@@ -294,6 +512,7 @@ def main(argv=None) -> int:
         check_test_paths(cfg, with_checkpoint=args.init == "checkpoint")
         model = build_model(cfg).eval()
         halting = hasattr(model, "halting_scores")
+        adavit = isinstance(model, AdaViTVisionTransformer)
         if args.most_varied and not halting:
             raise VitadaptError(f"--most-varied picks images by how much their token depths vary: it needs a "
                                 f"token-halting model (A-ViT), and MODEL.NAME {cfg.MODEL.NAME} has no token depths")
@@ -311,13 +530,19 @@ def main(argv=None) -> int:
                 raise ConfigError(f"{e} (or draw with synthetic weights: --init sharpened)") from None
             load_weights(model, checkpoint)
         dataset = build_dataset(cfg.TEST.DATASET, cfg, cfg.TEST.SPLIT)
-        images = first_images(dataset, max(args.num_images, args.most_varied), cfg.TEST.SPLIT)
+        wanted = max(args.num_images, args.most_varied)
+        calibrate = adavit and args.init != "checkpoint"  # decisions that vary: measured on the first images
+        images = first_images(dataset, max(wanted, CALIBRATION_IMAGES) if calibrate else wanted, cfg.TEST.SPLIT)
+        if calibrate:
+            if len(images) >= 2:
+                calibrate_decisions_(model, images, SYNTHETIC_USAGE)
+            images = images[:wanted]
         if len(images) > args.num_images:
             images = pick_most_varied(model, images, args.num_images)
         model.trace_token_ids = True
         with torch.no_grad():
             model(images)
-        if not isinstance(getattr(model, "last_token_ids", None), list):
+        if not adavit and not isinstance(getattr(model, "last_token_ids", None), list):
             raise VitadaptError(f"MODEL.NAME {cfg.MODEL.NAME} does not record which tokens each block keeps "
                                 "(trace_token_ids): there is nothing to draw")
         out_dir = os.path.join(cfg.OUTPUT_DIR, "visualization")
@@ -331,6 +556,7 @@ def main(argv=None) -> int:
     mean = torch.tensor(cfg.DATA.MEAN)[:, None, None]
     std = torch.tensor(cfg.DATA.STD)[:, None, None]
     grid, patch = tuple(model.patch_grid), cfg.VIT.PATCH_SIZE
+    heads = cfg.VIT.NUM_HEADS
     for i, image in enumerate(images):
         rgb = (image * std + mean).clamp(0, 1)
         if halting:
@@ -338,6 +564,18 @@ def main(argv=None) -> int:
             path = save_depth_pictures(out_dir, i, rgb, depth, grid, patch, len(model.blocks))
             logger.info("%s: token depth mean %.2f, min %d, max %d of %d blocks (CLS %d)", path, depth.mean().item(),
                         int(depth.min()), int(depth.max()), len(model.blocks), int(model.last_depth[i, 0]))
+            continue
+        if adavit:
+            uses = block_uses(model.last_decisions, i)
+            path = os.path.join(out_dir, f"image_{i:04d}.png")
+            gmacs = float(model.macs_per_image()[i]) / 1e9
+            save_adavit_picture(path, rgb, uses, grid, patch, heads, model.token_with_mlp, gmacs)
+            n = grid[0] * grid[1]
+            logger.info("%s: %.4g GMACs; per block tokens / heads / attn, MLP: %s", path, gmacs, "; ".join(
+                f"{u.block}: skipped" if u.skipped else
+                f"{u.block}: {int(took_part(u, n, model.token_with_mlp).sum())}/{n} / "
+                f"{heads if u.heads is None else int(u.heads.sum())}/{heads} / "
+                f"{'off' if u.attn is False else 'on'}, {'off' if u.mlp is False else 'on'}" for u in uses))
             continue
         scale = max(1, PANEL_SIZE // rgb.shape[-1])  # small inputs (the digits demo) are enlarged, pixels kept sharp
         panels, titles, changes = render(enlarge(rgb, scale), [ids[i] for ids in model.last_token_ids], grid,

@@ -207,9 +207,95 @@ def check_avit(golden: dict) -> List[Comparison]:
     return out
 
 
+def check_adavit(golden: dict) -> List[Comparison]:
+    """Eval decisions, logits, per-block outputs, official GFLOPs and usage losses in masked and packed execution;
+    train mode (always the masked computation) replaying the recorded Gumbel draws: logits, decisions, both loss
+    settings and their gradients."""
+    import torch.nn.functional as F
+
+    from vitadapt.models.adavit import official_to_config_opts
+    from vitadapt.models.adavit_costs import UsageLossWeights, usage_loss
+
+    config, images, labels = golden["config"], golden["input"], golden["labels"]
+    settings = {name: UsageLossWeights.from_adaloss_kwargs(kwargs) for name, kwargs in config["losses"].items()}
+    names = ("head_select", "layer_select", "token_select")
+    out: List[Comparison] = []
+
+    def compare_decisions(tag: str, mine: dict, ref: dict) -> None:
+        for name in names:
+            if ref.get(name) is None:
+                continue
+            out.append(compare_exact(f"{tag} {name}", (mine[name] > 0.5).to(torch.uint8), (ref[name] > 0.5).to(torch.uint8)))
+        for name in ("head_select_logits", "layer_select_logits", "token_select_logits"):
+            if ref.get(name) is not None:
+                out.append(compare_float(f"{tag} {name}", mine[name], ref[name], atol=OUTPUT_ATOL))
+
+    def losses(tag: str, logits: torch.Tensor, decisions: dict, ref: dict) -> Dict[str, torch.Tensor]:
+        totals = {}
+        for setting, weights in settings.items():
+            terms = usage_loss(decisions["head_select"], decisions["layer_select"], decisions["token_select"],
+                               decisions["head_select_logits"], decisions["layer_select_logits"], weights)
+            ce = F.cross_entropy(logits, labels)
+            totals[setting] = ce + terms["head"] + terms["layer"] + terms["token"]
+            expected = ref[setting]
+            out.append(compare_float(f"{tag} {setting} task loss", ce, expected["base_loss"], atol=LOSS_ATOL))
+            for name in ("head", "layer", "token"):  # the golden records each term before its ratio
+                ratio = getattr(weights, f"{name}_ratio")
+                if ratio > 0:
+                    out.append(compare_float(f"{tag} {setting} {name} usage loss", terms[name] / ratio,
+                                             expected[f"{name}_loss"], atol=LOSS_ATOL))
+            out.append(compare_float(f"{tag} {setting} total loss", totals[setting], expected["total"], atol=LOSS_ATOL))
+        return totals
+
+    for execution in ("masked", "packed"):
+        tag = f"[{execution}]"
+        model = _official_model(official_to_config_opts(config), golden["state_dict"], execution)
+        model.trace_hidden = True
+        with torch.no_grad():
+            logits = model(images)
+        out.append(compare_float(f"{tag} logits", logits, golden["logits"], atol=OUTPUT_ATOL))
+        decisions = model.stacked_decisions()
+        compare_decisions(tag, decisions, golden)
+        out.append(compare_float(f"{tag} output of every block", torch.stack(model.last_hidden, dim=1),
+                                 golden["hidden"], atol=OUTPUT_ATOL))
+        out.append(compare_float(f"{tag} official GFLOPs per image", model.official_gflops(), golden["gflops"],
+                                 atol=1e-7))
+        losses(f"{tag} eval", logits, decisions, golden["losses_eval"])
+
+        train = golden["train"]
+        calls = iter(train["gumbel_calls"])
+
+        def replay(name: str, logits: torch.Tensor):
+            call = next(calls)
+            if call["module"] != name:
+                raise ValueError(f"Gumbel draw for {call['module']} recorded, {name} asked for")
+            return call["gumbel1"].reshape(logits.shape), call["gumbel2"].reshape(logits.shape)
+
+        model.noise_source = replay
+        model.train()  # every drop rate is 0: train mode switches on the Gumbel noise
+        logits = model(images)
+        decisions = model.stacked_decisions()
+        out.append(compare_float(f"{tag} train logits", logits, train["logits"], atol=OUTPUT_ATOL))
+        compare_decisions(f"{tag} train", decisions, train)
+        totals = losses(f"{tag} train", logits, decisions, train["losses"])
+        params = dict(model.named_parameters())
+        for setting, total in totals.items():
+            trainable = {k: p for k, p in params.items() if p.requires_grad}
+            grads = dict(zip(trainable, torch.autograd.grad(total, list(trainable.values()), retain_graph=True,
+                                                            allow_unused=True)))
+            grads = {k: torch.zeros_like(params[k]) if g is None else g for k, g in grads.items()}
+            reference = model.adapt_official_state_dict(golden["grads"][setting], LoadReport("golden grads"))
+            none = [k for k in golden["grads"][setting + "_none"]]
+            out += compare_gradients(f"{tag} {setting}", grads, reference, none)
+            frozen = [k for k in none if params[k].requires_grad]
+            out.append(Comparison(f"{tag} {setting}: frozen parameters ({', '.join(none)})", float(len(frozen)),
+                                  not frozen))
+    return out
+
+
 # Which method a golden file belongs to, from its official constructor arguments.
 PARITY_CHECKS: Dict[str, Callable[[dict], List[Comparison]]] = {"ats": check_ats, "evit": check_evit,
-                                                                "avit": check_avit}
+                                                                "avit": check_avit, "adavit": check_adavit}
 # Every kind of file in shared/golden, by name; those without an entry in PARITY_CHECKS are "not supported yet".
 GOLDEN_KINDS = {"ats": "ATS", "evit": "EViT", "avit": "A-ViT", "adavit": "AdaViT", "dvt": "DVT",
                 "video": "video backbone (TimeSformer / XViT)"}

@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 
 from vitadapt.errors import VitadaptError
-from vitadapt.models.flops import vit_macs
 from vitadapt.utils import distributed as du
 from vitadapt.utils.checkpoint import unwrap
 
@@ -67,7 +66,7 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
     Logs progress every `log_period` batches (0: never). Fails if no image of the split could be decoded."""
     model.eval()
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # n, top1, top5, loss, skipped, non-finite images
-    macs, counts, depths, predictions = [], [], [], []
+    macs, counts, depths, predictions, extra = [], [], [], [], []
     kept_tokens, halting = reports(model, "kept_tokens"), reports(model, "token_depth")
     progress = Progress(label, len(loader.sampler), log_period)
     for step, batch in enumerate(loader, 1):
@@ -85,11 +84,15 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
         sums[5] += (~torch.isfinite(logits).all(dim=1)).sum()
         token_counts = getattr(unwrap(model), "last_token_counts", None)
         if token_counts is not None:
-            macs.append(vit_macs(unwrap(model), token_counts).cpu())
+            macs.append(unwrap(model).macs_per_image().cpu())
             if kept_tokens:
                 counts.append(token_counts[..., 1].cpu())  # [B, depth] tokens leaving each block's attention
             if halting:
                 depths.append(token_depth(token_counts).cpu())
+        # A method's own per-image statistics ([B] or [B, depth] each), averaged over the split.
+        image_stats = getattr(unwrap(model), "last_image_stats", None)
+        if image_stats:
+            extra.append({k: v.detach().double().cpu() for k, v in image_stats.items()})
         if keep_predictions:
             predictions.append((batch["index"].cpu(), logits.cpu(), labels.cpu()))
         progress.update(step, int(sums[0].item() + sums[4].item()), sums[1])
@@ -102,14 +105,19 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
              "top5_acc": 100.0 * sums[2].item() / n, "loss": sums[3].item() / n, "skipped_images": int(sums[4].item()),
              "nonfinite_images": int(sums[5].item())}
     # One collective for every per-image record (every rank calls it, even with nothing to send).
-    ranks = du.all_gather_objects((macs, counts, depths, predictions))
-    macs, counts, depths, predictions = ([part for rank in ranks for part in rank[k]] for k in range(4))
+    ranks = du.all_gather_objects((macs, counts, depths, predictions, extra))
+    macs, counts, depths, predictions, extra = ([part for rank in ranks for part in rank[k]] for k in range(5))
     if macs:
         all_macs = torch.cat(macs)
         stats.update(gmacs_mean=all_macs.mean().item() / 1e9, gmacs_p50=all_macs.quantile(0.5).item() / 1e9,
                      gmacs_p95=all_macs.quantile(0.95).item() / 1e9)
     if depths:
         stats["token_depth_mean"] = torch.cat(depths).mean().item()
+    for name in extra[0] if extra else ():
+        values = torch.cat([e[name] for e in extra])
+        stats[f"{name}_mean"] = values.mean().item()
+        if values.dim() == 2:  # per block
+            stats[f"{name}_per_block"] = [round(v, 4) for v in values.mean(0).tolist()]
     if counts:
         tokens = torch.cat(counts).double()  # kept tokens per block (CLS included), over every image
         stats.update(tokens_per_block_mean=[round(t, 3) for t in tokens.mean(0).tolist()],

@@ -19,7 +19,6 @@ from vitadapt.datasets import construct_loader
 from vitadapt.errors import VitadaptError
 from vitadapt.losses import build_loss
 from vitadapt.models import build_model
-from vitadapt.models.flops import vit_macs
 from vitadapt.utils import checkpoint as cu
 from vitadapt.utils import distributed as du
 from vitadapt.utils.logging import log_json_stats, setup_logging, supersede_epoch_records
@@ -121,10 +120,11 @@ def log_model_info(model, cfg, device) -> None:
     was_training = model.training
     model.eval()
     model(torch.zeros(1, cfg.VIT.IN_CHANS, cfg.DATA.TEST_CROP_SIZE, cfg.DATA.TEST_CROP_SIZE, device=device))
-    gmacs = vit_macs(model, model.last_token_counts).item() / 1e9
+    gmacs = model.macs_per_image().item() / 1e9
     model.train(was_training)
-    logger.info("model %s: %.2fM parameters, %.3f GMACs per image at %dpx", cfg.MODEL.NAME, params / 1e6, gmacs,
-                cfg.DATA.TEST_CROP_SIZE)
+    adaptive = " for a blank image (adaptive: the cost depends on the image)" if model.token_statistics else ""
+    logger.info("model %s: %.2fM parameters, %.3f GMACs per image at %dpx%s", cfg.MODEL.NAME, params / 1e6, gmacs,
+                cfg.DATA.TEST_CROP_SIZE, adaptive)
 
 
 def wrap_ddp(model, device):
@@ -435,6 +435,12 @@ def test(cfg) -> dict:
         if "token_depth_mean" in stats:
             logger.info("mean token depth %.2f of %d blocks", stats["token_depth_mean"],
                         len(stats["tokens_per_block_mean"]))
+        if "gflops_official_mean" in stats:
+            logger.info("GFLOPs per image by the official flops table: mean %.4f", stats["gflops_official_mean"])
+        for key in sorted(k for k in stats if k.endswith("_per_block")):  # a method's usage per block
+            name = key[: -len("_per_block")]
+            logger.info("%s: mean %.3f, per block %s", name, stats[f"{name}_mean"],
+                        " ".join(f"{v:.2f}" for v in stats[key]))
         if "tokens_per_block_mean" in stats:
             logger.info("kept tokens per block (mean [min, max]): %s",
                         " ".join(f"{m:.1f}[{lo},{hi}]" for m, lo, hi in zip(stats["tokens_per_block_mean"],

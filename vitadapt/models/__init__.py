@@ -4,6 +4,7 @@ from .vit import VisionTransformer
 from .ats import ATSVisionTransformer  # noqa: E402  (registers the model and the ATS config node)
 from .evit import EViTVisionTransformer  # noqa: E402  (registers the model and the EVIT config node)
 from .avit import AViTVisionTransformer  # noqa: E402  (registers the model and the AVIT config node)
+from .adavit import AdaViTVisionTransformer  # noqa: E402  (registers the model and the ADAVIT config node)
 
 __all__ = ["MODEL_REGISTRY", "build_model", "TokenAdapter", "TokenBatch", "VisionTransformer", "ATSVisionTransformer", "EViTVisionTransformer",
-           "AViTVisionTransformer"]
+           "AViTVisionTransformer", "AdaViTVisionTransformer"]

@@ -36,6 +36,9 @@ class LoadReport:
     converted: List[str] = field(default_factory=list)  # what a model's adapt_official_state_dict changed
     notes: List[str] = field(default_factory=list)  # what the file says about itself (method, epoch)
     head_reset: bool = False
+    # Set by load_into_model: the weights initialise a model that will be trained (fine-tuning), so a model may
+    # start the parts a file does not have (AdaViT's decision heads in a DeiT file) from its own initialisation.
+    fine_tuning: bool = False
 
     def lines(self) -> List[str]:
         out = [f"loaded {self.source} ({self.container})"]
@@ -94,6 +97,7 @@ def load_into_model(model: nn.Module, sd: Dict[str, Tensor], report: LoadReport,
     A model whose official checkpoints differ from its own state_dict defines
     `adapt_official_state_dict(sd, report) -> sd` (e.g. ATS drops its all-zero `out_zero_mask`): every caller
     (run_net's test and fine-tuning, resume, benchmark, visualize, parity) then loads official files the same way."""
+    report.fine_tuning = reset_head_on_mismatch
     adapt = getattr(model, "adapt_official_state_dict", None)
     if adapt is not None:
         sd = adapt(sd, report)

@@ -7,6 +7,8 @@ fan-in scaled linear weights, a gain on the query/key rows, large cls/pos embedd
 near 1). The model is then no classifier; it is a workload.
 """
 
+import math
+
 import torch
 from torch import nn
 
@@ -45,4 +47,44 @@ def add_halting_drift_(model: nn.Module, drift: float = 0.85, spread: float = 5.
         model.patch_embed.proj.bias[0] *= spread
     for block in model.blocks:
         block.mlp.fc2.bias[0] += drift
+    return model
+
+
+@torch.no_grad()
+def calibrate_decisions_(model: nn.Module, images: torch.Tensor, usage=0.75, spread: float = 2.0) -> nn.Module:
+    """AdaViT decisions that differ between images and tokens on synthetic weights (after `sharpen_`).
+
+    Untrained decision logits hardly depend on the image: the CLS token that head and layer decisions read is
+    nearly the same for every image. Like the AdaViT goldens' perturbation (decision-head weights x15-20 and
+    biases) this rescales each decision head, but measured on `images`: one forward, in which every decision head,
+    just before it runs (so after the blocks before it are calibrated), gets each output's weights scaled so that
+    its logits spread with standard deviation `spread` over the images (over all patch tokens for token decisions)
+    and a bias under which the share `usage` of them (a number, or {"tokens", "heads", "layer": share}) pass the
+    decision threshold. Needs 2 images or more. A model without decision heads is left as it is."""
+    if not hasattr(model, "thresholds"):
+        return model
+    shares = usage if isinstance(usage, dict) else {kind: usage for kind in model.thresholds}
+    threshold = {kind: math.log(t / (1 - t)) for kind, t in model.thresholds.items()}
+
+    def calibrate(kind):
+        @torch.no_grad()
+        def hook(module, inputs):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1])
+            logits = x @ module.weight.t()  # [R, outputs], no bias
+            scale = spread / logits.std(dim=0).clamp_min(1e-12)
+            cut = torch.quantile(logits.double() * scale.double(), 1 - shares[kind], dim=0).to(logits.dtype)
+            module.weight.mul_(scale[:, None])
+            module.bias.copy_(threshold[kind] - cut + 1e-4)  # just above the cut: no decision sits on a threshold
+        return hook
+
+    handles = [head.mlp_head.register_forward_pre_hook(calibrate(kind)) for block in model.blocks
+               for kind, head in (("layer", block.layer_select), ("heads", block.head_select),
+                                  ("tokens", block.attn.token_select)) if head is not None]
+    was_training = model.training
+    try:
+        model.eval()(images)
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
     return model

@@ -44,6 +44,13 @@ class TokenBatch:
         b, n, _ = x.shape
         return cls(x=x, ids=torch.arange(n, device=x.device).expand(b, n), num_initial=n, execution=execution)
 
+    @classmethod
+    def packed_rows(cls, x: Tensor, lengths: Tensor, execution: str = "packed") -> "TokenBatch":
+        """Packed tokens x [T, C] given directly, lengths[b] rows per image (ids are row positions)."""
+        ids = torch.arange(x.shape[0], device=x.device)
+        return cls(x=x, ids=ids, num_initial=int(lengths.max()) if lengths.numel() else 0,
+                   execution=execution)._packed(x, ids, lengths)
+
     def replace(self, **changes) -> "TokenBatch":
         return replace(self, **changes)
 

@@ -13,6 +13,7 @@ from timm.layers import Mlp, PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from torch import Tensor, nn
 
 from .build import MODEL_REGISTRY
+from .flops import vit_macs
 from .tokens import TokenAdapter, TokenBatch
 
 
@@ -162,6 +163,11 @@ class VisionTransformer(nn.Module):
         # Live tokens per image at every block: [B, depth, 2] (attention, MLP), read by FLOP counting and logs.
         self.last_token_counts = tokens.counts_per_block().detach()
         return self.forward_head(tokens)
+
+    def macs_per_image(self) -> Tensor:
+        """[B] MACs of each image of the last forward, from the tokens each block saw (a method whose cost depends
+        on more than the token counts overrides this)."""
+        return vit_macs(self, self.last_token_counts)
 
 
 def _init_linear_and_norm(m: nn.Module) -> None:

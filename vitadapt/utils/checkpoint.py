@@ -240,7 +240,11 @@ def load_weights(model, path: str, reset_head_on_mismatch: bool = False, prefer_
         check(path)
     obj = load_file(path)
     ema_key = None
-    if prefer_ema:
+    # Official AdaViT evaluation reads the EMA weights of its training files when they hold them.
+    official_ema = getattr(target, "official_files_prefer_ema", False) and not (isinstance(obj, dict) and "cfg" in obj)
+    if official_ema and isinstance(obj, dict) and not any(isinstance(obj.get(k), dict) for k in EMA_CONTAINERS):
+        official_ema = False  # a file without EMA weights: its model weights, without a warning
+    if prefer_ema or official_ema:
         ema_key = next((k for k in EMA_CONTAINERS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
         if ema_key is None:
             logger.warning("%s has no EMA weights; evaluating its model weights", path)

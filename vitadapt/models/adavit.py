@@ -1,0 +1,592 @@
+"""AdaViT, adaptive heads, blocks and tokens (Meng et al., CVPR 2022), on the shared backbone.
+
+Before every block i a small decision head per choice reads the block input and decides, per image:
+* heads (i >= KEEP_LAYERS): Linear(C, H) on the CLS token -> which attention heads run;
+* layer (i >= KEEP_LAYERS): Linear(C, 2) on the CLS token -> whether the attention and MLP branches run;
+* tokens (i >= TOKEN_START_LAYER): Linear(C, 1) on norm1(x) of every patch token -> which tokens take part
+  (threshold 0.6, hidden in the official code; CLS always takes part).
+Training draws Gumbel-sigmoid decisions, sigmoid((logit + g1 - g2) / TAU), with straight-through hard values;
+evaluation thresholds sigmoid(logit).
+
+How the official code applies them (masking, every head, token and branch is still computed):
+* a dropped head's q, k, v are zero; proj and MLP fc1 see the dropped heads' channels zeroed at their input,
+  biases kept (ADAVIT.HEAD_V2: fc1's hidden units of the dropped heads' channels are zeroed instead;
+  ADAVIT.HEAD_ATTN: a dropped head's attention is the identity and nothing is zeroed);
+* a dropped token is no key for the kept tokens, its own attention output (and with TOKEN_WITH_MLP its MLP
+  output) is zeroed: it passes through the block unchanged, and the next block decides again;
+* x = x + a * attn(x); x = x + m * mlp(norm2(x)) with the branch decisions a, m; no stochastic depth in blocks
+  with branch decisions.
+
+VIT.TOKEN_EXECUTION masked computes exactly that (the parity reference, and always used in training: the
+straight-through gradient of a skipped head, token or branch is the output it would have produced).
+packed (the default) really skips at inference, per image: a branch that is off is not computed, dropped
+tokens are not computed by the layers they skip, q/k/v, attention, proj and fc1 run on the kept heads'
+channels only. Both give the same logits.
+
+Costs per image, both logged: the official flops table (adavit_costs), and the MACs packed execution really
+computes (`macs_per_image`).
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vitadapt.config import ConfigError, register_config
+
+from .adavit_costs import UsageLossWeights, official_flops_table, official_gflops, usage_loss
+from .build import MODEL_REGISTRY
+from .tokens import TokenBatch
+from .vit import Block, VisionTransformer, vit_kwargs
+
+logger = logging.getLogger(__name__)
+
+
+class DecisionHead(nn.Module):
+    """One linear decision head; `mlp_head` is the official parameter name (blocks.i.head_select.mlp_head.*)."""
+
+    def __init__(self, dim: int, outputs: int):
+        super().__init__()
+        self.mlp_head = nn.Linear(dim, outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp_head(x)
+
+
+def gumbel_sigmoid(logits: Tensor, threshold: float, tau: float, training: bool,
+                   noise: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """Hard 0/1 decisions with the straight-through gradient of sigmoid((logits + g1 - g2) / tau) in training,
+    of sigmoid(logits) in evaluation (no noise, no tau), as the official `_gumbel_sigmoid`."""
+    if training:
+        if noise is None:  # Gumbel(0, 1) = -log(Exponential(1))
+            noise = tuple(-torch.empty_like(logits).exponential_().log() for _ in range(2))
+        soft = torch.sigmoid((logits + noise[0] - noise[1]) / tau)
+    else:
+        soft = torch.sigmoid(logits)
+    hard = (soft > threshold).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+@dataclass
+class Decisions:
+    """One block's decisions for a batch; None where the block has no such decision (everything runs)."""
+
+    heads: Optional[Tensor] = None  # [B, H]
+    layer: Optional[Tensor] = None  # [B, 2]: attention branch, MLP branch
+    tokens: Optional[Tensor] = None  # [B, N], CLS column 1
+    head_logits: Optional[Tensor] = None
+    layer_logits: Optional[Tensor] = None
+    token_logits: Optional[Tensor] = None
+
+
+@MODEL_REGISTRY.register()
+class AdaViTVisionTransformer(VisionTransformer):
+    """DeiT with AdaViT decision heads; loads official AdaViT files (separate q/k/v) and DeiT files (decision
+    heads newly initialised, only when fine-tuning)."""
+
+    token_statistics = ("kept_tokens",)
+    # Official AdaViT .pth.tar files hold state_dict and state_dict_ema; its evaluation uses the EMA weights.
+    official_files_prefer_ema = True
+
+    def __init__(self, ada_head: bool = True, ada_layer: bool = True, ada_token: bool = True,
+                 token_with_mlp: bool = True, keep_layers: int = 1, token_start_layer: int = 0,
+                 head_threshold: float = 0.5, layer_threshold: float = 0.5, token_threshold: float = 0.6,
+                 tau: float = 5.0, token_pre_softmax: bool = True, token_detach_attn: bool = True,
+                 token_detach_attn_at_mlp: bool = False, head_v2: bool = False, head_attn: bool = False,
+                 norm_policy: bool = False, train_pos_embed: bool = False,
+                 usage_weights: UsageLossWeights = UsageLossWeights(), official_base_gflops: float = 0.06,
+                 **vit_args):
+        super().__init__(**vit_args)
+        self.keep_layers, self.token_start_layer = keep_layers, token_start_layer
+        self.thresholds = {"heads": head_threshold, "layer": layer_threshold, "tokens": token_threshold}
+        self.tau = tau
+        self.token_pre_softmax, self.token_detach_attn = token_pre_softmax, token_detach_attn
+        self.token_with_mlp, self.token_detach_attn_at_mlp = token_with_mlp, token_detach_attn_at_mlp
+        self.head_v2, self.head_attn = head_v2 and ada_head, head_attn and ada_head
+        dim, heads = self.embed_dim, self.blocks[0].attn.num_heads
+        for i, block in enumerate(self.blocks):
+            decides = i >= keep_layers
+            block.head_select = DecisionHead(dim, heads) if ada_head and decides else None
+            block.layer_select = DecisionHead(dim, 2) if ada_layer and decides else None
+            block.attn.token_select = DecisionHead(dim, 1) if ada_token and i >= token_start_layer else None
+            block.norm_policy = (nn.LayerNorm(dim, eps=1e-6) if norm_policy and decides and (ada_head or ada_layer)
+                                 else None)
+        self.apply(_init_decision_heads)
+        # The official model's pos_embed is a fixed sinusoid table, frozen (DeiT's learned one is loaded into it).
+        with torch.no_grad():
+            self.pos_embed.copy_(sinusoid_table(self.pos_embed.shape[1], self.embed_dim))
+        self.pos_embed.requires_grad_(train_pos_embed)
+        # Parity replays recorded Gumbel draws: noise_source(module name, logits) -> (g1, g2).
+        self.noise_source: Optional[Callable[[str, Tensor], Tuple[Tensor, Tensor]]] = None
+        self.usage_weights, self.official_base_gflops = usage_weights, official_base_gflops
+        self._table: Optional[Tensor] = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "AdaViTVisionTransformer":
+        a = cfg.ADAVIT
+        return cls(ada_head=a.HEAD, ada_layer=a.LAYER, ada_token=a.TOKEN, token_with_mlp=a.TOKEN_WITH_MLP,
+                   keep_layers=a.KEEP_LAYERS, token_start_layer=a.TOKEN_START_LAYER,
+                   head_threshold=a.HEAD_THRESHOLD, layer_threshold=a.LAYER_THRESHOLD,
+                   token_threshold=a.TOKEN_THRESHOLD, tau=a.TAU, token_pre_softmax=a.TOKEN_PRE_SOFTMAX,
+                   token_detach_attn=a.TOKEN_DETACH_ATTN, token_detach_attn_at_mlp=a.TOKEN_DETACH_ATTN_AT_MLP,
+                   head_v2=a.HEAD_V2, head_attn=a.HEAD_ATTN, norm_policy=a.NORM_POLICY,
+                   train_pos_embed=a.TRAIN_POS_EMBED, usage_weights=usage_weights_from_config(a),
+                   official_base_gflops=a.OFFICIAL_BASE_GFLOPS, **vit_kwargs(cfg))
+
+    # ------------------------------------------------------------------ decisions
+    def _decide(self, kind: str, name: str, logits: Tensor) -> Tensor:
+        noise = self.noise_source(name, logits) if self.training and self.noise_source is not None else None
+        return gumbel_sigmoid(logits, self.thresholds[kind], self.tau, self.training, noise)
+
+    def decisions(self, i: int, block: Block, x: Tensor, h: Tensor) -> Decisions:
+        """Block i's decisions from its input x [B, N, C] and norm1(x) h, in the official call order."""
+        d = Decisions()
+        policy = x[:, 0] if block.norm_policy is None else block.norm_policy(x)[:, 0]
+        if block.layer_select is not None:
+            d.layer_logits = block.layer_select(policy)
+            d.layer = self._decide("layer", f"blocks.{i}.layer_select", d.layer_logits)
+        if block.head_select is not None:
+            d.head_logits = block.head_select(policy)
+            d.heads = self._decide("heads", f"blocks.{i}.head_select", d.head_logits)
+        if block.attn.token_select is not None:
+            d.token_logits = block.attn.token_select(h).squeeze(-1)[:, 1:]  # h contiguous: no copy of h[:, 1:]
+            patches = self._decide("tokens", f"blocks.{i}.attn.token_select", d.token_logits)
+            d.tokens = torch.cat([patches.new_ones(patches.shape[0], 1), patches], dim=1)
+        return d
+
+    # ------------------------------------------------------------------ masked: the official computation
+    def masked_block(self, block: Block, x: Tensor, h: Tensor, d: Decisions) -> Tensor:
+        b, n, c = x.shape
+        attn = block.attn
+        heads, dh = attn.num_heads, c // attn.num_heads
+        width = None  # [B, C] channel mask of the kept heads (None: every channel)
+        if d.heads is not None and not self.head_attn:
+            width = d.heads.repeat_interleave(dh, dim=1)
+        qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias)
+        if width is not None:  # masked weights and biases of q, k, v: a dropped head's q, k, v are zero
+            qkv = qkv * width.repeat(1, 3)[:, None, :]
+        q, k, v = qkv.reshape(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4)
+        logits = (q @ k.transpose(-2, -1)) * attn.scale
+        probs = logits.softmax(dim=-1)
+        eye = torch.eye(n, device=x.device, dtype=x.dtype)
+        head_gate = None if d.heads is None else d.heads[:, :, None, None]
+        if self.head_attn and head_gate is not None:
+            probs = probs * head_gate + eye * (1 - head_gate)  # a dropped head attends to itself only
+        if d.tokens is not None:
+            policy = (d.tokens[:, :, None] * d.tokens[:, None, :])[:, None]
+            if self.token_detach_attn:
+                policy = policy.detach()
+            if self.token_pre_softmax or not self.training:
+                blocked = torch.zeros_like(logits).masked_fill((1 - policy - eye) > 0, float("-inf"))
+                probs = (logits * policy + blocked).softmax(dim=-1)
+            else:
+                probs = F.normalize(probs * policy, p=1, dim=-1)
+            if self.head_attn and head_gate is not None and not self.training:  # again, in evaluation only
+                probs = probs * head_gate + eye * (1 - head_gate)
+        probs = F.dropout(probs, attn.attn_drop, self.training)
+        out = (probs @ v).transpose(1, 2).reshape(b, n, c)
+        if width is not None:
+            out = out * width[:, None, :]
+        out = attn.proj_drop(attn.proj(out))
+        if d.tokens is not None:
+            out = out * d.tokens[:, :, None]
+        if d.layer is None:
+            x = x + _drop_path(out, block.drop_path, self.training)
+        else:
+            x = x + d.layer[:, 0, None, None] * out
+        hidden = block.norm2(x)
+        mlp = block.mlp
+        if width is not None and not self.head_v2:
+            hidden = hidden * width[:, None, :]  # fc1 sees only the kept heads' channels
+        hidden = mlp.fc1(hidden)
+        if width is not None and self.head_v2:  # fc1 hidden units grouped by input channel, bias masked too
+            hidden = hidden * width.repeat_interleave(hidden.shape[-1] // c, dim=1)[:, None, :]
+        out = mlp.fc2(mlp.drop1(mlp.norm(mlp.act(hidden))))
+        out = mlp.drop2(out)
+        if d.tokens is not None and self.token_with_mlp:
+            gate = d.tokens.detach() if self.token_detach_attn_at_mlp else d.tokens
+            out = out * gate[:, :, None]
+        if d.layer is None:
+            return x + _drop_path(out, block.drop_path, self.training)
+        return x + d.layer[:, 1, None, None] * out
+
+    # ------------------------------------------------------------------ packed: real skipping (inference)
+    @torch.no_grad()
+    def packed_block(self, block: Block, x: Tensor, h: Tensor, d: Decisions) -> Tensor:
+        """The same block computing only what is kept, per image; x is updated in place (no autograd here).
+
+        Per-token layers run on the rows of the kept tokens only (flattened over the batch); q, k, v and attention
+        run per kept (image, head) pair; proj and fc1 see the dropped heads' channels as zeros, as in the official
+        computation (their bias is kept, so a block without a kept head still adds the biases' effect)."""
+        b, n, c = x.shape
+        flat = x.view(b * n, c)
+        token_kept = (d.tokens > 0.5) if d.tokens is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
+        attn_on = (d.layer[:, 0] > 0.5) if d.layer is not None else torch.ones(b, dtype=torch.bool, device=x.device)
+        mlp_on = (d.layer[:, 1] > 0.5) if d.layer is not None else torch.ones(b, dtype=torch.bool, device=x.device)
+        heads = None if d.heads is None or self.head_attn else (d.heads > 0.5).to(x.dtype)  # [B, H] kept heads
+        rows = token_kept & attn_on[:, None]  # [B, N] the tokens the attention branch updates
+        if bool(rows.any()):
+            index = torch.nonzero(rows.view(-1)).squeeze(1)
+            flat.index_add_(0, index, self._packed_attention(block, h.view(b * n, c), index, rows.sum(dim=1),
+                                                             d.heads))
+        rows = (token_kept if self.token_with_mlp else torch.ones_like(token_kept)) & mlp_on[:, None]
+        if bool(rows.any()):
+            index = torch.nonzero(rows.view(-1)).squeeze(1)
+            hidden = block.norm2(flat.index_select(0, index))
+            kept = None if heads is None else heads.index_select(0, torch.div(index, n, rounding_mode="floor"))
+            flat.index_add_(0, index, self._packed_mlp(block, hidden, kept))
+        return x
+
+    def _packed_attention(self, block: Block, h: Tensor, index: Tensor, lengths: Tensor,
+                          heads_kept: Optional[Tensor]) -> Tensor:
+        """Attention output [R, C] of the R kept tokens at rows `index` of h [B * N, C] (lengths[b] of image b, in
+        order): each image attends over its own kept tokens, each kept (image, head) pair once."""
+        attn = block.attn
+        c = h.shape[1]
+        heads, dh = attn.num_heads, c // attn.num_heads
+        if heads_kept is None or self.head_attn:
+            x = h.index_select(0, index)
+            tokens = TokenBatch.packed_rows(x, lengths)
+            # Every head runs (HEAD_ATTN: a dropped head attends to itself only, its output is its value).
+            qkv = tokens.padded(F.linear(x, attn.qkv.weight, attn.qkv.bias))
+            q, k, v = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, heads, dh).permute(2, 0, 3, 1, 4)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.key_mask())
+            if heads_kept is not None:
+                out = torch.where(heads_kept[:, :, None, None] > 0.5, out, v)
+            out = tokens.unpadded(out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], c))
+            return F.linear(out, attn.proj.weight, attn.proj.bias)
+        rows = index.shape[0]
+        # q, k, v per head for the rows of the images that keep it (head-major, images and tokens in order), then
+        # one attention call over every kept (image, head) pair, each padded to the longest.
+        image_of_row = torch.repeat_interleave(torch.arange(lengths.numel(), device=h.device), lengths)
+        kept = (heads_kept > 0.5) & (lengths > 0)[:, None]  # [B, H]
+        # One [heads, 3 * dh, C] copy of the weights per call, so that each head's rows are contiguous.
+        weight = attn.qkv.weight.view(3, heads, dh, c).transpose(0, 1).reshape(heads, 3 * dh, c)
+        bias = attn.qkv.bias.view(3, heads, dh).transpose(0, 1).reshape(heads, 3 * dh) if attn.qkv.bias is not None \
+            else [None] * heads
+        # The rows of every head, head-major (images and tokens in order), gathered from h in one go; each head's
+        # q, k, v are written into its slice of one buffer.
+        head_of, row_of = torch.nonzero(kept[image_of_row].t(), as_tuple=True)
+        counts = torch.bincount(head_of, minlength=heads).tolist()
+        out = h.new_zeros(rows, heads, dh)  # the dropped heads' channels stay 0
+        if sum(counts):
+            x = h.index_select(0, index.index_select(0, row_of))
+            qkv = x.new_empty(x.shape[0], 3 * dh)
+            start = 0
+            for j, count in enumerate(counts):
+                if count:
+                    end = start + count
+                    if bias[j] is None:
+                        torch.mm(x[start:end], weight[j].t(), out=qkv[start:end])
+                    else:
+                        torch.addmm(bias[j], x[start:end], weight[j].t(), out=qkv[start:end])
+                    start = end
+            pair_head, pair_image = torch.nonzero(kept.t(), as_tuple=True)  # head-major, as the rows of x
+            pair_len = lengths[pair_image]
+            slots = torch.arange(int(pair_len.max()), device=h.device)
+            valid = slots < pair_len[:, None]  # [P, W]
+            source = ((pair_len.cumsum(0) - pair_len)[:, None] + slots).clamp(max=qkv.shape[0] - 1)
+            # Gathered as [3, P * W, dh]: q, k and v come out contiguous.
+            q, k, v = qkv.view(-1, 3, dh).transpose(0, 1).index_select(1, source.view(-1)).view(3, *valid.shape, dh)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, :])
+            row = (lengths.cumsum(0) - lengths)[pair_image][:, None] + slots
+            out.view(-1, dh).index_copy_(0, (row * heads + pair_head[:, None])[valid], o[valid])
+        return F.linear(out.view(rows, c), attn.proj.weight, attn.proj.bias)
+
+    def _packed_mlp(self, block: Block, hidden: Tensor, heads: Optional[Tensor]) -> Tensor:
+        """MLP output [R, C] of the normed tokens `hidden` [R, C]; `heads` [R, H] 1 for the kept heads."""
+        mlp = block.mlp
+        if heads is None:
+            return mlp(hidden)
+        if self.head_v2:  # fc1's hidden units of the dropped heads' channels are 0 (bias included)
+            z = mlp.fc1(hidden)
+            z = (z.view(z.shape[0], heads.shape[1], -1) * heads[:, :, None]).view_as(z)
+        else:  # fc1 sees only the kept heads' channels
+            z = mlp.fc1((hidden.view(hidden.shape[0], heads.shape[1], -1) * heads[:, :, None]).view_as(hidden))
+        return mlp.fc2(mlp.act(z))
+
+    # ------------------------------------------------------------------ the model
+    def forward_features(self, images: Tensor) -> TokenBatch:
+        x = self.embed(images).x
+        self.last_num_tokens = x.shape[1]  # CLS included, at this input size
+        packed = self.token_execution == "packed" and not self.training and not torch.is_grad_enabled()
+        self.last_decisions: List[Decisions] = []
+        # With `trace_hidden` set, every block's output [B, N, C] (for parity and inspection).
+        self.last_hidden = [] if getattr(self, "trace_hidden", False) else None
+        counts = []
+        for i, block in enumerate(self.blocks):
+            h = block.norm1(x)
+            d = self.decisions(i, block, x, h)
+            self.last_decisions.append(d)
+            x = self.packed_block(block, x, h, d) if packed else self.masked_block(block, x, h, d)
+            counts.append(self._token_counts(d, x.shape[:2]))
+            if self.last_hidden is not None:
+                self.last_hidden.append(x.detach().clone())
+        tokens = TokenBatch.dense(self.norm(x), self.token_execution)
+        tokens.token_counts = counts
+        return tokens
+
+    def _token_counts(self, d: Decisions, shape) -> Tensor:
+        """[B, 2] tokens that take part in the block, at its attention and at its MLP (the kept-token statistics;
+        whether a branch ran is its own statistic, and the MACs come from `macs_per_image`)."""
+        b, n = shape
+        kept = (d.tokens > 0.5).sum(dim=1) if d.tokens is not None else torch.full((b,), n, device=self.pos_embed.device)
+        return torch.stack([kept, kept if self.token_with_mlp else torch.full_like(kept, n)], dim=1)
+
+    # ------------------------------------------------------------------ what the decisions cost and use
+    def stacked_decisions(self) -> Dict[str, Optional[Tensor]]:
+        """The official outputs: head_select [B, Lh, H], layer_select [B, Ll, 2], token_select [B, Lt, N] and the
+        decision logits, stacked over the blocks that have each decision (None if none has)."""
+        out = {}
+        for name, field in (("head_select", "heads"), ("layer_select", "layer"), ("token_select", "tokens"),
+                            ("head_select_logits", "head_logits"), ("layer_select_logits", "layer_logits"),
+                            ("token_select_logits", "token_logits")):
+            values = [getattr(d, field) for d in self.last_decisions if getattr(d, field) is not None]
+            out[name] = torch.stack(values, dim=1) if values else None
+        return out
+
+    def _kept(self, d: Decisions):
+        """(heads, attention on, MLP on, tokens) each image kept in a block, [B] float64 each."""
+        b, n = self.last_token_counts.shape[0], self.last_num_tokens
+        ones = torch.ones(b, dtype=torch.float64, device=self.pos_embed.device)
+        heads = (d.heads > 0.5).sum(1).double() if d.heads is not None else ones * self.blocks[0].attn.num_heads
+        attn_on = (d.layer[:, 0] > 0.5).double() if d.layer is not None else ones
+        mlp_on = (d.layer[:, 1] > 0.5).double() if d.layer is not None else ones
+        tokens = (d.tokens > 0.5).sum(1).double() if d.tokens is not None else ones * n
+        return heads, attn_on, mlp_on, tokens
+
+    def usage_per_block(self) -> Dict[str, Tensor]:
+        """[B, depth] fraction of heads, attention branch, MLP branch and tokens (CLS included) each image used."""
+        heads, n = self.blocks[0].attn.num_heads, self.last_num_tokens
+        kept = [self._kept(d) for d in self.last_decisions]
+        return {name: torch.stack([k[i] / scale for k in kept], dim=1).float()
+                for i, (name, scale) in enumerate((("head_usage", heads), ("attn_usage", 1), ("mlp_usage", 1),
+                                                   ("token_usage", n)))}
+
+    def macs_per_image(self) -> Tensor:
+        """[B] multiply-accumulates packed execution computes for each image of the last forward: the decision
+        heads; q, k, v and attention of the kept heads on the kept tokens; proj, fc1 and fc2 on the kept tokens.
+        Blocks, branches and tokens that are off cost nothing."""
+        c, heads = self.embed_dim, self.blocks[0].attn.num_heads
+        hidden = self.blocks[0].mlp.fc1.out_features
+        proj = self.patch_embed.proj
+        n = self.last_num_tokens
+        total = 0
+        for block, d in zip(self.blocks, self.last_decisions):
+            h, a, m, t = self._kept(d)
+            t_mlp = t if self.token_with_mlp else torch.full_like(t, n)
+            w = h * (c // heads)  # channels of the kept heads
+            decide = sum(head.mlp_head.in_features * head.mlp_head.out_features
+                         for head in (block.head_select, block.layer_select) if head is not None)
+            if block.attn.token_select is not None:
+                decide += (n - 1) * c
+            if self.head_attn:  # every head runs (a dropped head's output is its value, chosen after attention)
+                attn = 4 * t * c * c + 2 * t * t * c
+            else:  # q, k, v and attention of the kept heads; proj over all channels (the dropped ones are 0)
+                attn = 3 * t * c * w + 2 * t * t * w + t * c * c
+            mlp = 2 * t_mlp * c * hidden  # fc1 on the masked channels, fc2
+            total = total + decide + a * attn + m * mlp
+        patches = (n - 1) * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * c
+        return total + patches + c * self.num_classes
+
+    def official_gflops(self) -> Tensor:
+        """[B] GFLOPs of the last forward by the official flops table (its quirks: see adavit_costs)."""
+        c, heads, n = self.embed_dim, self.blocks[0].attn.num_heads, self.last_num_tokens
+        hidden = self.blocks[0].mlp.fc1.out_features
+        if self._table is None or self._table.shape[:2] != (heads + 1, n + 1):
+            self._table = official_flops_table(heads, n, c, hidden / c)
+        d = self.stacked_decisions()
+        return official_gflops(self._table, d["head_select"], d["layer_select"], d["token_select"],
+                               depth=len(self.blocks), base=self.official_base_gflops,
+                               batch_size=self.last_token_counts.shape[0])
+
+    def forward(self, images: Tensor) -> Tensor:
+        logits = super().forward(images)
+        self.last_image_stats = {"gflops_official": self.official_gflops(), **self.usage_per_block()}
+        return logits
+
+    def auxiliary_losses(self) -> Dict[str, Tensor]:
+        """The usage losses of the last (training) forward, weighted: {"head": ..., "layer": ..., "token": ...}."""
+        d = self.stacked_decisions()
+        return usage_loss(d["head_select"], d["layer_select"], d["token_select"], d["head_select_logits"],
+                          d["layer_select_logits"], self.usage_weights)
+
+    # ------------------------------------------------------------------ checkpoints
+    def adapt_official_state_dict(self, sd: dict, report) -> dict:
+        """Official AdaViT files keep q, k and v apart (blocks.i.attn.{query,key,value}.*): they are joined into
+        the backbone's qkv. A DeiT file has no decision heads: when fine-tuning they start from this model's
+        initialisation, and the report says so; for evaluation they are missing keys (random decisions)."""
+        sd = dict(sd)
+        joined = []
+        for i in range(len(self.blocks)):
+            prefix = f"blocks.{i}.attn."
+            for kind in ("weight", "bias"):
+                parts = [sd.get(f"{prefix}{name}.{kind}") for name in ("query", "key", "value")]
+                if all(p is not None for p in parts):
+                    sd[f"{prefix}qkv.{kind}"] = torch.cat(parts, dim=0)
+                    for name in ("query", "key", "value"):
+                        del sd[f"{prefix}{name}.{kind}"]
+                    joined.append(i)
+        if joined:
+            report.converted.append(f"joined attn.query/key/value into attn.qkv in {len(set(joined))} block(s)")
+        own = self.state_dict()
+        new_heads = [k for k in own if _is_decision_key(k) and k not in sd]
+        if new_heads and getattr(report, "fine_tuning", False):
+            sd.update({k: own[k] for k in new_heads})
+            report.converted.append(f"decision heads newly initialised (not in the file): {len(new_heads)} tensors")
+        return sd
+
+
+def usage_weights_from_config(a) -> UsageLossWeights:
+    """The ADAVIT node's loss keys as the official AdaLoss weights."""
+    return UsageLossWeights(
+        head_ratio=a.HEAD_RATIO, layer_ratio=a.LAYER_RATIO, token_ratio=a.TOKEN_RATIO,
+        head_target_ratio=a.HEAD_TARGET, layer_target_ratio=a.LAYER_TARGET, token_target_ratio=a.TOKEN_TARGET,
+        head_diverse_ratio=a.HEAD_DIVERSE, layer_diverse_ratio=a.LAYER_DIVERSE, head_entropy_weight=a.HEAD_ENTROPY,
+        layer_entropy_weight=a.LAYER_ENTROPY, head_minimal=a.HEAD_MINIMAL, head_minimal_weight=a.HEAD_MINIMAL_WEIGHT,
+        layer_minimal=a.LAYER_MINIMAL, layer_minimal_weight=a.LAYER_MINIMAL_WEIGHT, token_minimal=a.TOKEN_MINIMAL,
+        token_minimal_weight=a.TOKEN_MINIMAL_WEIGHT)
+
+
+def official_to_config_opts(config: dict) -> List[str]:
+    """KEY VALUE overrides for the official AdaStepT2T_ViT constructor arguments (a golden file's `config`)."""
+    ctor, hard = config["constructor"], config.get("hardcoded", {})
+    if ctor.get("use_t2t"):
+        raise ValueError("official AdaViT with the T2T tokenizer (use_t2t True) is not supported by vitadapt yet")
+    if ctor.get("qk_scale") is not None:
+        raise ValueError(f"official AdaViT qk_scale {ctor['qk_scale']} is not supported (vitadapt uses head_dim**-0.5)")
+    size = ctor["img_size"][0] if isinstance(ctor["img_size"], (list, tuple)) else ctor["img_size"]
+    pairs = {"MODEL.NAME": "AdaViTVisionTransformer", "MODEL.NUM_CLASSES": ctor["num_classes"],
+             "DATA.TRAIN_CROP_SIZE": size, "DATA.TEST_CROP_SIZE": size, "VIT.PATCH_SIZE": ctor["patch_size"],
+             "VIT.IN_CHANS": ctor.get("in_chans", 3), "VIT.EMBED_DIM": ctor["embed_dim"], "VIT.DEPTH": ctor["depth"],
+             "VIT.NUM_HEADS": ctor["num_heads"], "VIT.MLP_RATIO": float(ctor["mlp_ratio"]),
+             "VIT.QKV_BIAS": bool(ctor["qkv_bias"]), "VIT.DROP_RATE": float(ctor.get("drop_rate", 0.0)),
+             "VIT.ATTN_DROP_RATE": float(ctor.get("attn_drop_rate", 0.0)),
+             "VIT.DROP_PATH_RATE": float(ctor.get("drop_path_rate", 0.0)),
+             "ADAVIT.HEAD": bool(ctor["ada_head"]), "ADAVIT.LAYER": bool(ctor["ada_layer"]),
+             "ADAVIT.TOKEN": bool(ctor["ada_token"]), "ADAVIT.TOKEN_WITH_MLP": bool(ctor["ada_token_with_mlp"]),
+             "ADAVIT.KEEP_LAYERS": ctor["keep_layers"], "ADAVIT.TOKEN_START_LAYER": ctor["ada_token_start_layer"],
+             "ADAVIT.TOKEN_PRE_SOFTMAX": bool(ctor["ada_token_pre_softmax"]),
+             "ADAVIT.TOKEN_DETACH_ATTN": bool(ctor["ada_token_detach_attn"]),
+             "ADAVIT.TOKEN_DETACH_ATTN_AT_MLP": bool(ctor["ada_token_detach_attn_at_mlp"]),
+             "ADAVIT.HEAD_V2": bool(ctor.get("ada_head_v2", False)), "ADAVIT.HEAD_ATTN": bool(ctor.get("ada_head_attn", False)),
+             "ADAVIT.NORM_POLICY": bool(ctor.get("norm_policy", False)),
+             "ADAVIT.TAU": float(hard.get("gumbel_tau", 5.0)),
+             "ADAVIT.HEAD_THRESHOLD": float(hard.get("head_threshold", 0.5)),
+             "ADAVIT.LAYER_THRESHOLD": float(hard.get("layer_threshold", 0.5)),
+             "ADAVIT.TOKEN_THRESHOLD": float(hard.get("token_threshold", 0.6)),
+             "ADAVIT.OFFICIAL_BASE_GFLOPS": float(config.get("flops_base", 0.06))}
+    return [str(x) for kv in pairs.items() for x in kv]
+
+
+def sinusoid_table(n_position: int, dim: int) -> Tensor:
+    """[1, n_position, dim] the Transformer's sinusoid position table (sin on even, cos on odd channels)."""
+    pos = torch.arange(n_position, dtype=torch.float64)[:, None]
+    j = torch.arange(dim)
+    angle = pos / torch.pow(10000.0, (2 * (j // 2)).double() / dim)
+    return torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle)).float().unsqueeze(0)
+
+
+def _is_decision_key(key: str) -> bool:
+    return any(part in key for part in ("head_select.", "layer_select.", "token_select.", "norm_policy."))
+
+
+def _drop_path(delta: Tensor, rate: float, training: bool) -> Tensor:
+    if rate == 0.0 or not training:
+        return delta
+    keep = delta.new_empty(delta.shape[0], 1, 1).bernoulli_(1.0 - rate).div_(1.0 - rate)
+    return delta * keep
+
+
+def _init_decision_heads(m: nn.Module) -> None:
+    """trunc_normal(0.02) weights and zero biases, as the official initialisation of every Linear."""
+    if isinstance(m, DecisionHead):
+        nn.init.trunc_normal_(m.mlp_head.weight, std=0.02)
+        nn.init.zeros_(m.mlp_head.bias)
+
+
+def add_adavit_config(cfg) -> None:
+    from fvcore.common.config import CfgNode
+
+    cfg.ADAVIT = CfgNode()
+    # Which decisions exist (official --ada-head, --ada-layer, --ada-token; the README models use all three).
+    cfg.ADAVIT.HEAD = True
+    cfg.ADAVIT.LAYER = True
+    cfg.ADAVIT.TOKEN = True
+    # Dropped tokens skip the MLP too (official --ada-token-with-mlp), not only the attention.
+    cfg.ADAVIT.TOKEN_WITH_MLP = True
+    # Head and layer decisions start at this block (official keep_layers, >= 1); token decisions at TOKEN_START_LAYER.
+    cfg.ADAVIT.KEEP_LAYERS = 1
+    cfg.ADAVIT.TOKEN_START_LAYER = 0
+    # Decision thresholds on sigmoid(logit); the official token threshold 0.6 is hard-coded there.
+    cfg.ADAVIT.HEAD_THRESHOLD = 0.5
+    cfg.ADAVIT.LAYER_THRESHOLD = 0.5
+    cfg.ADAVIT.TOKEN_THRESHOLD = 0.6
+    # Gumbel-sigmoid temperature in training (official: 5 for every decision; its *_select_tau arguments are ignored).
+    cfg.ADAVIT.TAU = 5.0
+    # Dropped tokens are masked before the softmax (official default, and always in evaluation); False: in
+    # training the softmax is renormalised over the kept tokens after it (the same values).
+    cfg.ADAVIT.TOKEN_PRE_SOFTMAX = True
+    # No gradient from the attention mask into the token decisions (official ada_token_detach_attn).
+    cfg.ADAVIT.TOKEN_DETACH_ATTN = True
+    # No gradient from the MLP output's token gate into the token decisions (official ada_token_detach_attn_at_mlp).
+    cfg.ADAVIT.TOKEN_DETACH_ATTN_AT_MLP = False
+    # Head decisions gate MLP fc1's hidden units instead of its input channels (official --ada-head-v2).
+    cfg.ADAVIT.HEAD_V2 = False
+    # A dropped head attends to itself only instead of being zeroed; q, k, v, proj and fc1 are not masked
+    # (official --ada-head-attn, the paper's Eq. 8).
+    cfg.ADAVIT.HEAD_ATTN = False
+    # A LayerNorm on the CLS token before the head and layer decisions (official norm_policy; keys blocks.i.norm_policy.*).
+    cfg.ADAVIT.NORM_POLICY = False
+    # The official model freezes pos_embed (DeiT's is loaded into it); True trains it.
+    cfg.ADAVIT.TRAIN_POS_EMBED = False
+    # Usage losses (official ada_main.py defaults): ratio x |usage - target| for heads and layers, ratio x
+    # (usage - target)^2 for tokens, plus the diverse / entropy / minimal terms (0 by default).
+    cfg.ADAVIT.HEAD_RATIO = 2.0
+    cfg.ADAVIT.LAYER_RATIO = 2.0
+    cfg.ADAVIT.TOKEN_RATIO = 2.0
+    cfg.ADAVIT.HEAD_TARGET = 0.5
+    cfg.ADAVIT.LAYER_TARGET = 0.5
+    cfg.ADAVIT.TOKEN_TARGET = 0.5
+    cfg.ADAVIT.HEAD_DIVERSE = 0.0
+    cfg.ADAVIT.LAYER_DIVERSE = 0.0
+    cfg.ADAVIT.HEAD_ENTROPY = 0.0
+    cfg.ADAVIT.LAYER_ENTROPY = 0.0
+    cfg.ADAVIT.HEAD_MINIMAL = 0.0
+    cfg.ADAVIT.HEAD_MINIMAL_WEIGHT = 0.0
+    cfg.ADAVIT.LAYER_MINIMAL = 0.0
+    cfg.ADAVIT.LAYER_MINIMAL_WEIGHT = 0.0
+    cfg.ADAVIT.TOKEN_MINIMAL = 0.0
+    cfg.ADAVIT.TOKEN_MINIMAL_WEIGHT = 0.0
+    # Base GFLOPs the official table adds per image (patch embedding, head): 0.06 for every DeiT, 0.33 for T2T.
+    cfg.ADAVIT.OFFICIAL_BASE_GFLOPS = 0.06
+
+
+def validate_adavit_config(cfg) -> None:
+    if cfg.MODEL.NAME != "AdaViTVisionTransformer":
+        return
+    a, depth = cfg.ADAVIT, cfg.VIT.DEPTH
+    if not 1 <= a.KEEP_LAYERS <= depth:
+        raise ConfigError(f"ADAVIT.KEEP_LAYERS must be in [1, VIT.DEPTH={depth}], got {a.KEEP_LAYERS}")
+    if not 0 <= a.TOKEN_START_LAYER <= depth:
+        raise ConfigError(f"ADAVIT.TOKEN_START_LAYER must be in [0, VIT.DEPTH={depth}], got {a.TOKEN_START_LAYER}")
+    for key in ("HEAD_THRESHOLD", "LAYER_THRESHOLD", "TOKEN_THRESHOLD"):
+        if not 0 < a[key] < 1:
+            raise ConfigError(f"ADAVIT.{key} must be in (0, 1), got {a[key]}")
+    if a.TAU <= 0:
+        raise ConfigError(f"ADAVIT.TAU must be > 0, got {a.TAU}")
+    if a.HEAD_V2 and a.HEAD_ATTN:
+        raise ConfigError("ADAVIT.HEAD_V2 and ADAVIT.HEAD_ATTN are two ways of applying head decisions; choose one")
+    if a.HEAD_V2 and not float(cfg.VIT.MLP_RATIO).is_integer():
+        raise ConfigError(f"ADAVIT.HEAD_V2 groups fc1's hidden units per input channel: VIT.MLP_RATIO must be a whole "
+                          f"number, got {cfg.VIT.MLP_RATIO}")
+    if (a.HEAD_V2 or a.HEAD_ATTN) and not a.HEAD:
+        raise ConfigError("ADAVIT.HEAD_V2 / ADAVIT.HEAD_ATTN change how head decisions apply, but ADAVIT.HEAD is False")
+    if not (a.HEAD or a.LAYER or a.TOKEN):
+        logger.warning("ADAVIT.HEAD, LAYER and TOKEN are all False: the model is a plain DeiT")
+
+
+register_config("ADAVIT", add_adavit_config, validate_adavit_config)
