@@ -60,3 +60,30 @@ def raises_naming(*needles, one_line: bool = False):
     assert not one_line or "\n" not in message, message
     for needle in needles:
         assert needle in message, f"{needle!r} not in error message {message!r}"
+
+
+def max_diff(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def random_images(batch: int, size: int, seed: int = 0):
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def official_eval_model(to_config_opts, config, sd, execution="packed", extra=()):
+    """vitadapt's model for a golden `config` holding the official-layout `sd`, built as vitadapt.parity does
+    (`to_config_opts`: the method's official_to_config_opts)."""
+    from vitadapt.parity import _official_model
+
+    return _official_model(to_config_opts(config), sd, execution, list(extra))
+
+
+def write_goldens(root, make_golden, settings: dict) -> dict:
+    """{name: (golden, path)} for every setting: make_golden(**kwargs) saved as root/golden_<name>.pt."""
+    out = {}
+    for name, kwargs in settings.items():
+        golden = make_golden(**kwargs)
+        path = root / f"golden_{name}.pt"
+        torch.save(golden, path)
+        out[name] = (golden, path)
+    return out

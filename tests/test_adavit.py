@@ -9,6 +9,7 @@ The usage losses and the FLOPs table functions have their own tests (test_adavit
 """
 
 import argparse
+import functools
 import logging
 import math
 import os
@@ -22,11 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import helpers_adavit as H  # noqa: E402
 import helpers_e2e as h  # noqa: E402
+from helpers_unit import max_diff, official_eval_model, random_images, write_goldens  # noqa: E402
 from vitadapt.config import load_config  # noqa: E402
 from vitadapt.errors import VitadaptError  # noqa: E402
 from vitadapt.models import build_model  # noqa: E402
 from vitadapt.models.adavit import official_to_config_opts  # noqa: E402
-from vitadapt.parity import _official_model, check_file  # noqa: E402
+from vitadapt.parity import check_file  # noqa: E402
 from vitadapt.utils.checkpoint import load_weights  # noqa: E402
 
 OUT_ATOL = 1e-5
@@ -39,17 +41,8 @@ DECISIONS = ("head_select", "layer_select", "token_select")
 pytestmark = pytest.mark.usefixtures("one_thread")  # the goldens were recorded single-threaded
 
 
-def _max_diff(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def _images(batch, size, seed=0):
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _model(config, sd, execution="packed", extra=()):
-    """vitadapt's eval model for a golden `config` holding the official-layout `sd`, built as vitadapt.parity does."""
-    return _official_model(official_to_config_opts(config), sd, execution, list(extra))
+_max_diff, _images = max_diff, random_images
+_model = functools.partial(official_eval_model, official_to_config_opts)
 
 
 def _run(model, images):
@@ -188,14 +181,7 @@ SYNTHETIC = {
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("adavit_synthetic")
-    out = {}
-    for name, kw in SYNTHETIC.items():
-        golden = H.synthetic_golden(**kw)
-        path = root / f"golden_{name}.pt"
-        torch.save(golden, path)
-        out[name] = (golden, path)
-    return out
+    return write_goldens(tmp_path_factory.mktemp("adavit_synthetic"), H.synthetic_golden, SYNTHETIC)
 
 
 def test_synthetic_goldens_exercise_what_they_should(synthetic):

@@ -23,13 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import helpers_avit as H  # noqa: E402
 import helpers_e2e as h  # noqa: E402
+from helpers_unit import max_diff, official_eval_model, random_images, write_goldens  # noqa: E402
 from vitadapt.config import ConfigError, load_config  # noqa: E402
 from vitadapt.engine import launch_job  # noqa: E402
 from vitadapt.errors import VitadaptError  # noqa: E402
 from vitadapt.models import build_model  # noqa: E402
 from vitadapt.models.avit import official_to_config_opts, prior_target  # noqa: E402
 from vitadapt.models.flops import vit_macs  # noqa: E402
-from vitadapt.parity import _official_model, check_file  # noqa: E402
+from vitadapt.parity import check_file  # noqa: E402
 from vitadapt.utils.checkpoint import load_weights  # noqa: E402
 
 OUT_ATOL = 1e-5
@@ -40,17 +41,8 @@ MIN_MARGIN = 1e-4  # smallest |c - 0.99| a test input may have: float noise cann
 pytestmark = pytest.mark.usefixtures("one_thread")  # the goldens were recorded single-threaded
 
 
-def _max_diff(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def _images(batch, size, seed=0):
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def _model(config, sd, execution="packed", extra=()):
-    """vitadapt's eval model for a golden `config` holding the official-layout `sd`, built as vitadapt.parity does."""
-    return _official_model(official_to_config_opts(config), sd, execution, list(extra))
+_max_diff, _images = max_diff, random_images
+_model = functools.partial(official_eval_model, official_to_config_opts)
 
 
 def _grads(loss, model):
@@ -194,14 +186,7 @@ SENSITIVE = ["heldout", "gate5_3", "gate2_1", "gate4_-1_all_halt_by_block7"]
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("avit_synthetic")
-    out = {}
-    for name, kw in SYNTHETIC.items():
-        golden = H.synthetic_golden(**kw)
-        path = root / f"golden_{name}.pt"
-        torch.save(golden, path)
-        out[name] = (golden, path)
-    return out
+    return write_goldens(tmp_path_factory.mktemp("avit_synthetic"), H.synthetic_golden, SYNTHETIC)
 
 
 def test_synthetic_goldens_exercise_what_they_should(synthetic):
