@@ -728,3 +728,37 @@ def test_pos_embed_trains_when_asked(tmp_path, image_folder, two_weights):
     assert rc == 0
     state = h.load_ckpt(h.ckpt_path(out, 1))["model_state"]
     assert not torch.equal(state["pos_embed"], deit["pos_embed"])
+
+
+def test_packed_equals_masked_under_autocast():
+    """Packed execution writes half-precision block outputs back into the float32 residual stream (CUDA AMP runs
+    it this way; bf16 autocast on the CPU takes the same path)."""
+    from vitadapt.models.adavit import AdaViTVisionTransformer
+    from vitadapt.models.synthetic import calibrate_decisions_
+
+    torch.manual_seed(0)
+    model = AdaViTVisionTransformer(img_size=64, patch_size=16, num_classes=10, embed_dim=48, depth=4, num_heads=3).eval()
+    images = _images(6, 64)
+    calibrate_decisions_(model, images, usage=0.7)
+    outputs = {}
+    for execution in ("packed", "masked"):
+        model.token_execution = execution
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[execution] = model(images).float()
+    assert torch.isfinite(outputs["packed"]).all()
+    # bf16 rounding differs between the two computations; the decisions may not (bf16 tolerance on the logits).
+    assert _max_diff(outputs["packed"], outputs["masked"]) < 0.1
+
+
+def test_fine_tuning_fills_decision_heads_only_for_a_file_without_any(tmp_path):
+    """A DeiT file starts the decision heads new; an AdaViT file of another layout (other KEEP_LAYERS) is refused."""
+    from vitadapt.models.adavit import AdaViTVisionTransformer
+    from vitadapt.utils.checkpoint import CheckpointError, load_weights
+    from vitadapt.models.convert import CheckpointMismatchError
+
+    kwargs = dict(img_size=64, patch_size=16, num_classes=10, embed_dim=48, depth=4, num_heads=3)
+    other = AdaViTVisionTransformer(keep_layers=2, **kwargs)
+    path = tmp_path / "keep2.pth.tar"
+    torch.save({"state_dict_ema": {"module." + k: v for k, v in other.state_dict().items()}}, path)
+    with pytest.raises((CheckpointError, CheckpointMismatchError), match="blocks.1.head_select.mlp_head.weight"):
+        load_weights(AdaViTVisionTransformer(keep_layers=1, **kwargs), str(path), reset_head_on_mismatch=True)

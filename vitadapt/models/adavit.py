@@ -20,8 +20,9 @@ How the official code applies them (masking, every head, token and branch is sti
 VIT.TOKEN_EXECUTION masked computes exactly that (the parity reference, and always used in training: the
 straight-through gradient of a skipped head, token or branch is the output it would have produced).
 packed (the default) really skips at inference, per image: a branch that is off is not computed, dropped
-tokens are not computed by the layers they skip, q/k/v, attention, proj and fc1 run on the kept heads'
-channels only. Both give the same logits.
+tokens are not computed by the layers they skip, and q, k, v and attention run for the kept (image, head) pairs
+only. proj and fc1 run over all channels with the dropped heads' ones zero (as the official masks; on a CPU that
+is cheaper than gathering per image). Both give the same logits.
 
 Costs per image, both logged: the official flops table (adavit_costs), and the MACs packed execution really
 computes (`macs_per_image`).
@@ -230,14 +231,14 @@ class AdaViTVisionTransformer(VisionTransformer):
         rows = token_kept & attn_on[:, None]  # [B, N] the tokens the attention branch updates
         if bool(rows.any()):
             index = torch.nonzero(rows.view(-1)).squeeze(1)
-            flat.index_add_(0, index, self._packed_attention(block, h.view(b * n, c), index, rows.sum(dim=1),
-                                                             d.heads))
+            out = self._packed_attention(block, h.view(b * n, c), index, rows.sum(dim=1), d.heads)
+            flat.index_add_(0, index, out.to(flat.dtype))  # autocast: half-precision output, fp32 residual stream
         rows = (token_kept if self.token_with_mlp else torch.ones_like(token_kept)) & mlp_on[:, None]
         if bool(rows.any()):
             index = torch.nonzero(rows.view(-1)).squeeze(1)
             hidden = block.norm2(flat.index_select(0, index))
             kept = None if heads is None else heads.index_select(0, torch.div(index, n, rounding_mode="floor"))
-            flat.index_add_(0, index, self._packed_mlp(block, hidden, kept))
+            flat.index_add_(0, index, self._packed_mlp(block, hidden, kept).to(flat.dtype))
         return x
 
     def _packed_attention(self, block: Block, h: Tensor, index: Tensor, lengths: Tensor,
@@ -293,7 +294,7 @@ class AdaViTVisionTransformer(VisionTransformer):
             q, k, v = qkv.view(-1, 3, dh).transpose(0, 1).index_select(1, source.view(-1)).view(3, *valid.shape, dh)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, :])
             row = (lengths.cumsum(0) - lengths)[pair_image][:, None] + slots
-            out.view(-1, dh).index_copy_(0, (row * heads + pair_head[:, None])[valid], o[valid])
+            out.view(-1, dh).index_copy_(0, (row * heads + pair_head[:, None])[valid], o[valid].to(out.dtype))
         return F.linear(out.view(rows, c), attn.proj.weight, attn.proj.bias)
 
     def _packed_mlp(self, block: Block, hidden: Tensor, heads: Optional[Tensor]) -> Tensor:
@@ -330,11 +331,11 @@ class AdaViTVisionTransformer(VisionTransformer):
         return tokens
 
     def _token_counts(self, d: Decisions, shape) -> Tensor:
-        """[B, 2] tokens that take part in the block, at its attention and at its MLP (the kept-token statistics;
-        whether a branch ran is its own statistic, and the MACs come from `macs_per_image`)."""
+        """[B, 2] the tokens the block's token decision kept, in both columns (the kept-token statistics; whether
+        a branch ran, and whether dropped tokens skip the MLP, are in `usage_per_block` and `macs_per_image`)."""
         b, n = shape
         kept = (d.tokens > 0.5).sum(dim=1) if d.tokens is not None else torch.full((b,), n, device=self.pos_embed.device)
-        return torch.stack([kept, kept if self.token_with_mlp else torch.full_like(kept, n)], dim=1)
+        return torch.stack([kept, kept], dim=1)
 
     # ------------------------------------------------------------------ what the decisions cost and use
     def stacked_decisions(self) -> Dict[str, Optional[Tensor]]:
@@ -359,7 +360,8 @@ class AdaViTVisionTransformer(VisionTransformer):
         return heads, attn_on, mlp_on, tokens
 
     def usage_per_block(self) -> Dict[str, Tensor]:
-        """[B, depth] fraction of heads, attention branch, MLP branch and tokens (CLS included) each image used."""
+        """[B, depth] fraction of heads, attention branch, MLP branch and tokens (CLS included) each image kept, each
+        decision on its own (a block's heads count as kept even where its attention branch is off)."""
         heads, n = self.blocks[0].attn.num_heads, self.last_num_tokens
         kept = [self._kept(d) for d in self.last_decisions]
         return {name: torch.stack([k[i] / scale for k in kept], dim=1).float()
@@ -397,7 +399,7 @@ class AdaViTVisionTransformer(VisionTransformer):
         c, heads, n = self.embed_dim, self.blocks[0].attn.num_heads, self.last_num_tokens
         hidden = self.blocks[0].mlp.fc1.out_features
         if self._table is None or self._table.shape[:2] != (heads + 1, n + 1):
-            self._table = official_flops_table(heads, n, c, hidden / c)
+            self._table = official_flops_table(heads, n, c, hidden / c, device=self.pos_embed.device)
         d = self.stacked_decisions()
         return official_gflops(self._table, d["head_select"], d["layer_select"], d["token_select"],
                                depth=len(self.blocks), base=self.official_base_gflops,
@@ -405,7 +407,9 @@ class AdaViTVisionTransformer(VisionTransformer):
 
     def forward(self, images: Tensor) -> Tensor:
         logits = super().forward(images)
-        self.last_image_stats = {"gflops_official": self.official_gflops(), **self.usage_per_block()}
+        # Read by evaluation; training does not pay for them.
+        self.last_image_stats = None if self.training else {"gflops_official": self.official_gflops(),
+                                                             **self.usage_per_block()}
         return logits
 
     def auxiliary_losses(self) -> Dict[str, Tensor]:
@@ -434,7 +438,8 @@ class AdaViTVisionTransformer(VisionTransformer):
             report.converted.append(f"joined attn.query/key/value into attn.qkv in {len(set(joined))} block(s)")
         own = self.state_dict()
         new_heads = [k for k in own if _is_decision_key(k) and k not in sd]
-        if new_heads and getattr(report, "fine_tuning", False):
+        # Only a file without any decision head (DeiT) starts them new; an AdaViT file of another layout is refused.
+        if new_heads and getattr(report, "fine_tuning", False) and not any(_is_decision_key(k) for k in sd):
             sd.update({k: own[k] for k in new_heads})
             report.converted.append(f"decision heads newly initialised (not in the file): {len(new_heads)} tensors")
         return sd

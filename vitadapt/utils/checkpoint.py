@@ -242,9 +242,11 @@ def load_weights(model, path: str, reset_head_on_mismatch: bool = False, prefer_
     ema_key = None
     # Official AdaViT evaluation reads the EMA weights of its training files when they hold them.
     official_ema = getattr(target, "official_files_prefer_ema", False) and not (isinstance(obj, dict) and "cfg" in obj)
-    if official_ema and isinstance(obj, dict) and not any(isinstance(obj.get(k), dict) for k in EMA_CONTAINERS):
-        official_ema = False  # a file without EMA weights: its model weights, without a warning
-    if prefer_ema or official_ema:
+    if official_ema and not (isinstance(obj, dict) and isinstance(obj.get("state_dict_ema"), dict)):
+        official_ema = False  # no timm-saver EMA weights: the file's model weights, without a warning
+    if official_ema and not prefer_ema:
+        ema_key = "state_dict_ema"  # the official order: state_dict_ema, then state_dict, then model
+    elif prefer_ema:
         ema_key = next((k for k in EMA_CONTAINERS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
         if ema_key is None:
             logger.warning("%s has no EMA weights; evaluating its model weights", path)
