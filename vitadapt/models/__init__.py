@@ -5,6 +5,7 @@ from .ats import ATSVisionTransformer  # noqa: E402  (registers the model and th
 from .evit import EViTVisionTransformer  # noqa: E402  (registers the model and the EVIT config node)
 from .avit import AViTVisionTransformer  # noqa: E402  (registers the model and the AVIT config node)
 from .adavit import AdaViTVisionTransformer  # noqa: E402  (registers the model and the ADAVIT config node)
+from .t2t import T2TViT  # noqa: E402  (registers the model and the T2T config node)
 
 __all__ = ["MODEL_REGISTRY", "build_model", "TokenAdapter", "TokenBatch", "VisionTransformer", "ATSVisionTransformer", "EViTVisionTransformer",
-           "AViTVisionTransformer", "AdaViTVisionTransformer"]
+           "AViTVisionTransformer", "AdaViTVisionTransformer", "T2TViT"]

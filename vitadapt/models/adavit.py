@@ -41,7 +41,7 @@ from vitadapt.config import ConfigError, register_config
 from .adavit_costs import UsageLossWeights, official_flops_table, official_gflops, usage_loss
 from .build import MODEL_REGISTRY
 from .tokens import TokenBatch
-from .vit import Block, VisionTransformer, vit_kwargs
+from .vit import Block, VisionTransformer, sinusoid_table, vit_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -485,14 +485,6 @@ def official_to_config_opts(config: dict) -> List[str]:
              "ADAVIT.TOKEN_THRESHOLD": float(hard.get("token_threshold", 0.6)),
              "ADAVIT.OFFICIAL_BASE_GFLOPS": float(config.get("flops_base", 0.06))}
     return [str(x) for kv in pairs.items() for x in kv]
-
-
-def sinusoid_table(n_position: int, dim: int) -> Tensor:
-    """[1, n_position, dim] the Transformer's sinusoid position table (sin on even, cos on odd channels)."""
-    pos = torch.arange(n_position, dtype=torch.float64)[:, None]
-    j = torch.arange(dim)
-    angle = pos / torch.pow(10000.0, (2 * (j // 2)).double() / dim)
-    return torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle)).float().unsqueeze(0)
 
 
 def _is_decision_key(key: str) -> bool:

@@ -19,10 +19,12 @@ from .tokens import TokenAdapter, TokenBatch
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
+                 proj_drop: float = 0.0, qk_scale: Optional[float] = None):
         super().__init__()
         self.num_heads = num_heads
-        self.scale = (dim // num_heads) ** -0.5
+        # qk_scale: an explicit logit scale (official T2T-ViT checkpoints: embed_dim**-0.5); None: head_dim**-0.5.
+        self.qk_scale = qk_scale
+        self.scale = qk_scale if qk_scale is not None else (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
@@ -37,8 +39,9 @@ class Attention(nn.Module):
         c = c3 // 3
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         key_mask = tokens.key_mask()
+        scale = {} if self.qk_scale is None else {"scale": self.qk_scale}
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
-                                             dropout_p=self.attn_drop if self.training else 0.0)
+                                             dropout_p=self.attn_drop if self.training else 0.0, **scale)
         if adapter is not None:  # e.g. per-image head selection, before the heads are merged
             out = adapter.attention_heads(tokens, out)
             if adapter.observes_attention:
@@ -55,11 +58,13 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0):
+                 drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6,
+                 qk_scale: Optional[float] = None):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        # norm_eps: 1e-6 for DeiT/timm, 1e-5 (torch's default) for T2T-ViT.
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, qk_scale=qk_scale)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
         # Stochastic depth, per image (TokenBatch.drop_path also handles packed tokens).
         self.drop_path = drop_path
@@ -168,6 +173,15 @@ class VisionTransformer(nn.Module):
         """[B] MACs of each image of the last forward, from the tokens each block saw (a method whose cost depends
         on more than the token counts overrides this)."""
         return vit_macs(self, self.last_token_counts)
+
+
+def sinusoid_table(n_position: int, dim: int) -> Tensor:
+    """[1, n_position, dim] the fixed Transformer sinusoid table (angle pos / 10000^(2 * (j // 2) / dim): sin on even
+    channels, cos on odd ones), in float64 then float32, as the official AdaViT and T2T-ViT code."""
+    pos = torch.arange(n_position, dtype=torch.float64)[:, None]
+    j = torch.arange(dim)
+    angle = pos / torch.pow(10000.0, (2 * (j // 2)).double() / dim)
+    return torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle)).float().unsqueeze(0)
 
 
 def _init_linear_and_norm(m: nn.Module) -> None:
