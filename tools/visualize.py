@@ -172,33 +172,37 @@ def depth_colour_bar(height: int, full_depth: int) -> Image.Image:
 
 
 def panel_origins(widths, title_lines: int):
-    """Top-left corner (x, y) of each panel in a picture from `compose`."""
-    y = PAD + title_lines * line_height(font())
-    xs = [PAD + sum(widths[:i]) + i * PAD for i in range(len(widths))]
-    return [(x, y) for x in xs]
+    """Top-left corner (x, y) of each panel in a one-row picture from `compose`."""
+    return grid_origins(widths, [0] * len(widths), title_lines, 0, len(widths))
 
 
-def compose(panels, titles, legend=(), bar=None) -> Image.Image:
-    """One picture: the panels side by side, each under its title lines, `bar` (e.g. a colour bar) on the right, the
-    legend items (swatch tensor or None, text) in rows below."""
-    f = font()
+def compose(panels, titles, legend=(), bar=None, marks=None, columns=None) -> Image.Image:
+    """One picture: the panels `columns` a row (default: all in one row), each under its title lines; with `marks`,
+    a strip of marks under every panel but the first, the input (draw_strip; marks[k] belongs to panels[k + 1]);
+    `bar` (e.g. a colour bar) right of the first row; the legend items (swatch tensor or None, text) in rows below."""
+    f, small = font(), font(11)
     lh = line_height(f)
-    origins = panel_origins([p.shape[-1] for p in panels], max(map(len, titles)))
-    top = origins[0][1]
-    width = origins[-1][0] + panels[-1].shape[-1] + PAD + (bar.width + PAD if bar is not None else 0)
-    bottom = top + max(p.shape[-2] for p in panels) + PAD
+    widths, heights = [p.shape[-1] for p in panels], [p.shape[-2] for p in panels]
+    lines, strip = max(map(len, titles)), strip_height(small) if marks is not None else 0
+    origins = grid_origins(widths, heights, lines, strip, columns or len(panels))
+    width = max(x + w for (x, _), w in zip(origins, widths)) + PAD
+    bar_x = width
+    width += bar.width + PAD if bar is not None else 0
+    bottom = max(y + h for (_, y), h in zip(origins, heights)) + strip + PAD
     rows = legend_rows(legend, width, f)
     width = max([width] + [2 * PAD + sum(legend_item_width(s, t, f) for s, t in r) for r in rows])
     canvas = Image.new("RGB", (width, bottom + len(rows) * (lh + 2) + (PAD if rows else 0)), "white")
     draw = ImageDraw.Draw(canvas)
-    for (x, y), panel, lines in zip(origins, panels, titles):
+    for k, ((x, y), panel, title) in enumerate(zip(origins, panels, titles)):
         canvas.paste(to_pil_image(panel.clamp(0, 1)), (x, y))
         # A thin frame, so that white patches (full depth, a white background) do not merge with the page.
         draw.rectangle((x - 1, y - 1, x + panel.shape[-1], y + panel.shape[-2]), outline=(160, 160, 160))
-        for k, line in enumerate(lines):
-            draw.text((x + panel.shape[-1] / 2, PAD + k * lh), line, fill=(0, 0, 0), font=f, anchor="ma")
+        for j, line in enumerate(title):
+            draw.text((x + panel.shape[-1] / 2, y - (lines - j) * lh), line, fill=(0, 0, 0), font=f, anchor="ma")
+        if marks is not None and k > 0:
+            draw_strip(draw, x, y + panel.shape[-2] + 3, panel.shape[-1], marks[k - 1], small)
     if bar is not None:
-        canvas.paste(bar, (origins[-1][0] + panels[-1].shape[-1] + PAD, top))
+        canvas.paste(bar, (bar_x, origins[0][1]))
     draw_legend(canvas, rows, bottom, f)
     return canvas
 
@@ -395,7 +399,7 @@ def draw_strip(draw, x: int, y: int, width: int, marks, f) -> None:
 
 
 def grid_origins(widths, heights, title_lines: int, strip: int, columns: int = COLUMNS):
-    """Top-left corner (x, y) of each panel of a picture from `compose_blocks`: `columns` panels a row, each row
+    """Top-left corner (x, y) of each panel of a picture from `compose`: `columns` panels a row, each row
     under its title lines and above its strips."""
     lh = line_height(font())
     origins, y = [], PAD
@@ -410,28 +414,8 @@ def grid_origins(widths, heights, title_lines: int, strip: int, columns: int = C
 
 
 def compose_blocks(panels, titles, marks, legend=(), columns: int = COLUMNS) -> Image.Image:
-    """One AdaViT picture: `columns` panels a row, each under its title lines, each block's panel above its strip
-    of marks (draw_strip; marks[k] belongs to panels[k + 1], the input has none), the legend below."""
-    f, small = font(), font(11)
-    lh = line_height(f)
-    widths, heights = [p.shape[-1] for p in panels], [p.shape[-2] for p in panels]
-    lines, strip = max(map(len, titles)), strip_height(small)
-    origins = grid_origins(widths, heights, lines, strip, columns)
-    width = max(x + w for (x, _), w in zip(origins, widths)) + PAD
-    bottom = max(y + h for (_, y), h in zip(origins, heights)) + strip + PAD
-    rows = legend_rows(legend, width, f)
-    width = max([width] + [2 * PAD + sum(legend_item_width(s, t, f) for s, t in r) for r in rows])
-    canvas = Image.new("RGB", (width, bottom + len(rows) * (lh + 2) + (PAD if rows else 0)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for k, ((x, y), panel, title) in enumerate(zip(origins, panels, titles)):
-        canvas.paste(to_pil_image(panel.clamp(0, 1)), (x, y))
-        draw.rectangle((x - 1, y - 1, x + panel.shape[-1], y + panel.shape[-2]), outline=(160, 160, 160))
-        for j, line in enumerate(title):
-            draw.text((x + panel.shape[-1] / 2, y - (lines - j) * lh), line, fill=(0, 0, 0), font=f, anchor="ma")
-        if k > 0:
-            draw_strip(draw, x, y + panel.shape[-2] + 3, panel.shape[-1], marks[k - 1], small)
-    draw_legend(canvas, rows, bottom, f)
-    return canvas
+    """One AdaViT picture: `compose` with `columns` panels a row and each block's strip of marks."""
+    return compose(panels, titles, legend, marks=marks, columns=columns)
 
 
 def save_adavit_picture(path: str, rgb: torch.Tensor, uses, grid, patch: int, num_heads: int,
