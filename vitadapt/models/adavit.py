@@ -34,6 +34,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import drop_path
 from torch import Tensor, nn
 
 from vitadapt.config import ConfigError, register_config
@@ -41,7 +42,7 @@ from vitadapt.config import ConfigError, register_config
 from .adavit_costs import UsageLossWeights, official_flops_table, official_gflops, usage_loss
 from .build import MODEL_REGISTRY
 from .tokens import TokenBatch
-from .vit import Block, VisionTransformer, sinusoid_table, vit_kwargs
+from .vit import Block, VisionTransformer, _init_linear_and_norm, sinusoid_table, vit_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,9 @@ class AdaViTVisionTransformer(VisionTransformer):
             block.attn.token_select = DecisionHead(dim, 1) if ada_token and i >= token_start_layer else None
             block.norm_policy = (nn.LayerNorm(dim, eps=1e-6) if norm_policy and decides and (ada_head or ada_layer)
                                  else None)
-        self.apply(_init_decision_heads)
+        for module in self.modules():  # trunc_normal(0.02) weights and zero biases, as every official Linear
+            if isinstance(module, DecisionHead):
+                module.apply(_init_linear_and_norm)
         # The official model's pos_embed is a fixed sinusoid table, frozen (DeiT's learned one is loaded into it).
         with torch.no_grad():
             self.pos_embed.copy_(sinusoid_table(self.pos_embed.shape[1], self.embed_dim))
@@ -195,7 +198,7 @@ class AdaViTVisionTransformer(VisionTransformer):
         if d.tokens is not None:
             out = out * d.tokens[:, :, None]
         if d.layer is None:
-            x = x + _drop_path(out, block.drop_path, self.training)
+            x = x + drop_path(out, block.drop_path, self.training)
         else:
             x = x + d.layer[:, 0, None, None] * out
         hidden = block.norm2(x)
@@ -211,7 +214,7 @@ class AdaViTVisionTransformer(VisionTransformer):
             gate = d.tokens.detach() if self.token_detach_attn_at_mlp else d.tokens
             out = out * gate[:, :, None]
         if d.layer is None:
-            return x + _drop_path(out, block.drop_path, self.training)
+            return x + drop_path(out, block.drop_path, self.training)
         return x + d.layer[:, 1, None, None] * out
 
     # ------------------------------------------------------------------ packed: real skipping (inference)
@@ -489,20 +492,6 @@ def official_to_config_opts(config: dict) -> List[str]:
 
 def _is_decision_key(key: str) -> bool:
     return any(part in key for part in ("head_select.", "layer_select.", "token_select.", "norm_policy."))
-
-
-def _drop_path(delta: Tensor, rate: float, training: bool) -> Tensor:
-    if rate == 0.0 or not training:
-        return delta
-    keep = delta.new_empty(delta.shape[0], 1, 1).bernoulli_(1.0 - rate).div_(1.0 - rate)
-    return delta * keep
-
-
-def _init_decision_heads(m: nn.Module) -> None:
-    """trunc_normal(0.02) weights and zero biases, as the official initialisation of every Linear."""
-    if isinstance(m, DecisionHead):
-        nn.init.trunc_normal_(m.mlp_head.weight, std=0.02)
-        nn.init.zeros_(m.mlp_head.bias)
 
 
 def add_adavit_config(cfg) -> None:
