@@ -90,9 +90,9 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
             if halting:
                 depths.append(token_depth(token_counts).cpu())
         # A method's own per-image statistics ([B] or [B, depth] each), averaged over the split.
-        image_stats = getattr(unwrap(model), "last_image_stats", None)
-        if image_stats:
-            extra.append({k: v.detach().double().cpu() for k, v in image_stats.items()})
+        image_statistics = getattr(unwrap(model), "image_statistics", None)
+        if image_statistics is not None:
+            extra.append({k: v.detach().double().cpu() for k, v in image_statistics().items()})
         if keep_predictions:
             predictions.append((batch["index"].cpu(), logits.cpu(), labels.cpu()))
         progress.update(step, int(sums[0].item() + sums[4].item()), sums[1])

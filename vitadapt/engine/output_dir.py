@@ -7,7 +7,7 @@ start-up, so that a new run can never overwrite, prune or be mistaken for anothe
 
 import os
 import tempfile
-from typing import Optional
+from typing import Optional, Tuple
 
 from iopath.common.file_io import g_pathmgr
 
@@ -32,9 +32,9 @@ def ensure_writable_file(path: str, what: str) -> None:
     ensure_writable_dir(os.path.dirname(path) or ".", what + " (its folder)")
 
 
-def claim_for_training(cfg) -> Optional[str]:
-    """The checkpoint this training job continues from, or None for a new run; refuses, before anything in
-    OUTPUT_DIR changes, a run that would overwrite or mix with the run whose checkpoints are there."""
+def claim_for_training(cfg) -> Optional[Tuple[str, dict]]:
+    """(path, content) of the checkpoint this training job continues from, or None for a new run; refuses, before
+    anything in OUTPUT_DIR changes, a run that would overwrite or mix with the run whose checkpoints are there."""
     last = cu.last_checkpoint(cfg.OUTPUT_DIR)
     if last is None:
         return None
@@ -43,10 +43,11 @@ def claim_for_training(cfg) -> Optional[str]:
     if not cfg.TRAIN.AUTO_RESUME:
         raise ConfigError(f"{held} and TRAIN.AUTO_RESUME is False: a new run there would overwrite them. Use "
                           f"another OUTPUT_DIR, or delete {cfg.OUTPUT_DIR} to start over")
-    saved = cu.load_file(last).get("cfg")
+    state = cu.load_file(last)
+    saved = state.get("cfg") if isinstance(state, dict) else None
     if saved:
         changed = [k for k in config_differences(CfgNode.load_cfg(saved), cfg) if not k.startswith(RESUMABLE_CHANGES)]
         if changed:
             raise ConfigError(f"{held} with a different config ({', '.join(changed)}); resuming it would mix two "
                               f"runs. Use another OUTPUT_DIR, or delete {cfg.OUTPUT_DIR} to start over")
-    return last
+    return last, state

@@ -177,12 +177,14 @@ class Trainer:
         self.health = {self.start_epoch: {"good": None, "val_loss": None, "step": self.global_step}} if resume_from else {}
         self.lr = 0.0
 
-    def restore(self, model, resume_from: Optional[str]) -> int:
+    def restore(self, model, resume_from) -> int:
+        """`resume_from`: (path, content) of the checkpoint to continue from (claim_for_training), or None."""
         cfg = self.cfg
         if resume_from:
-            epoch = cu.resume(resume_from, model, self.optimizer, self.scaler, self.ema, du.get_rank(),
-                              du.get_world_size())
-            logger.info("resumed from %s: %d epoch(s) done", resume_from, epoch)
+            path, state = resume_from
+            epoch = cu.resume(path, model, self.optimizer, self.scaler, self.ema, du.get_rank(), du.get_world_size(),
+                              state=state)
+            logger.info("resumed from %s: %d epoch(s) done", path, epoch)
             return epoch
         if cfg.TRAIN.CHECKPOINT_FILE_PATH:
             cu.load_weights(model, cfg.TRAIN.CHECKPOINT_FILE_PATH, reset_head_on_mismatch=True)

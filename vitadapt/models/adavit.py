@@ -408,12 +408,9 @@ class AdaViTVisionTransformer(VisionTransformer):
                                depth=len(self.blocks), base=self.official_base_gflops,
                                batch_size=self.last_token_counts.shape[0])
 
-    def forward(self, images: Tensor) -> Tensor:
-        logits = super().forward(images)
-        # Read by evaluation; training does not pay for them.
-        self.last_image_stats = None if self.training else {"gflops_official": self.official_gflops(),
-                                                             **self.usage_per_block()}
-        return logits
+    def image_statistics(self) -> Dict[str, Tensor]:
+        """Per-image statistics of the last forward that evaluation logs ([B] or [B, depth] each)."""
+        return {"gflops_official": self.official_gflops(), **self.usage_per_block()}
 
     def auxiliary_losses(self) -> Dict[str, Tensor]:
         """The usage losses of the last (training) forward, weighted: {"head": ..., "layer": ..., "token": ...}."""

@@ -186,12 +186,14 @@ def save_checkpoint(output_dir: str, epoch: int, model, optimizer, scaler=None, 
     return path
 
 
-def resume(path: str, model, optimizer, scaler=None, ema=None, rank: int = 0, world: int = 1) -> int:
+def resume(path: str, model, optimizer, scaler=None, ema=None, rank: int = 0, world: int = 1,
+           state: Optional[dict] = None) -> int:
     """Restores a vitadapt training checkpoint completely; returns the number of epochs it had finished.
+    `state`: the file's content when the caller has read it already.
 
     Each rank continues its own RNG stream; a run resumed with another number of processes cannot, and
     says so (its weights are still restored exactly)."""
-    state = load_file(path)
+    state = load_file(path) if state is None else state
     if not isinstance(state, dict) or not {"model_state", "optimizer_state", "epoch"} <= set(state):
         raise CheckpointError(f"{path} is not a vitadapt training checkpoint (no model state / optimizer state / "
                               "epoch); to start from its weights, use TRAIN.CHECKPOINT_FILE_PATH")
