@@ -446,14 +446,8 @@ class AdaViTVisionTransformer(VisionTransformer):
 
 
 def usage_weights_from_config(a) -> UsageLossWeights:
-    """The ADAVIT node's loss keys as the official AdaLoss weights."""
-    return UsageLossWeights(
-        head_ratio=a.HEAD_RATIO, layer_ratio=a.LAYER_RATIO, token_ratio=a.TOKEN_RATIO,
-        head_target_ratio=a.HEAD_TARGET, layer_target_ratio=a.LAYER_TARGET, token_target_ratio=a.TOKEN_TARGET,
-        head_diverse_ratio=a.HEAD_DIVERSE, layer_diverse_ratio=a.LAYER_DIVERSE, head_entropy_weight=a.HEAD_ENTROPY,
-        layer_entropy_weight=a.LAYER_ENTROPY, head_minimal=a.HEAD_MINIMAL, head_minimal_weight=a.HEAD_MINIMAL_WEIGHT,
-        layer_minimal=a.LAYER_MINIMAL, layer_minimal_weight=a.LAYER_MINIMAL_WEIGHT, token_minimal=a.TOKEN_MINIMAL,
-        token_minimal_weight=a.TOKEN_MINIMAL_WEIGHT)
+    """The ADAVIT node's loss keys (the official option names, upper case) as the official AdaLoss weights."""
+    return UsageLossWeights(**{name: a[name.upper()] for name in UsageLossWeights().as_dict()})
 
 
 def official_to_config_opts(config: dict) -> List[str]:
@@ -526,24 +520,12 @@ def add_adavit_config(cfg) -> None:
     cfg.ADAVIT.NORM_POLICY = False
     # The official model freezes pos_embed (DeiT's is loaded into it); True trains it.
     cfg.ADAVIT.TRAIN_POS_EMBED = False
-    # Usage losses (official ada_main.py defaults): ratio x |usage - target| for heads and layers, ratio x
-    # (usage - target)^2 for tokens, plus the diverse / entropy / minimal terms (0 by default).
-    cfg.ADAVIT.HEAD_RATIO = 2.0
-    cfg.ADAVIT.LAYER_RATIO = 2.0
-    cfg.ADAVIT.TOKEN_RATIO = 2.0
-    cfg.ADAVIT.HEAD_TARGET = 0.5
-    cfg.ADAVIT.LAYER_TARGET = 0.5
-    cfg.ADAVIT.TOKEN_TARGET = 0.5
-    cfg.ADAVIT.HEAD_DIVERSE = 0.0
-    cfg.ADAVIT.LAYER_DIVERSE = 0.0
-    cfg.ADAVIT.HEAD_ENTROPY = 0.0
-    cfg.ADAVIT.LAYER_ENTROPY = 0.0
-    cfg.ADAVIT.HEAD_MINIMAL = 0.0
-    cfg.ADAVIT.HEAD_MINIMAL_WEIGHT = 0.0
-    cfg.ADAVIT.LAYER_MINIMAL = 0.0
-    cfg.ADAVIT.LAYER_MINIMAL_WEIGHT = 0.0
-    cfg.ADAVIT.TOKEN_MINIMAL = 0.0
-    cfg.ADAVIT.TOKEN_MINIMAL_WEIGHT = 0.0
+    # Usage losses, one key per official ada_main.py option (--head-ratio -> HEAD_RATIO, --head-target-ratio ->
+    # HEAD_TARGET_RATIO, ...), with its defaults: *_RATIO x |usage - *_TARGET_RATIO| for heads and layers,
+    # TOKEN_RATIO x (usage - TOKEN_TARGET_RATIO)^2 for tokens, and the diverse / entropy / minimal terms (0 by
+    # default). See vitadapt.models.adavit_costs.UsageLossWeights.
+    for name, default in UsageLossWeights().as_dict().items():
+        cfg.ADAVIT[name.upper()] = float(default)
     # Base GFLOPs the official table adds per image (patch embedding, head): 0.06 for every DeiT, 0.33 for T2T.
     cfg.ADAVIT.OFFICIAL_BASE_GFLOPS = 0.06
 
