@@ -30,7 +30,7 @@ from vitadapt.config import ConfigError, register_config
 from .build import MODEL_REGISTRY
 from .flops import block_macs
 from .tokens import TokenBatch
-from .vit import Block, VisionTransformer, _init_linear_and_norm, sinusoid_table, vit_kwargs
+from .vit import VisionTransformer, _init_linear_and_norm, sinusoid_table, vit_kwargs
 
 # tokens_type -> (kernel, stride, padding) of the three soft splits.
 TOKEN_GRIDS = {
@@ -160,14 +160,8 @@ class T2TViT(VisionTransformer):
         self.tokens_to_token = T2TModule(img_size, tokens_type, in_chans, embed_dim, token_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sinusoid_table(self.tokens_to_token.num_patches + 1, embed_dim))
-        self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rates[i], norm_eps=norm_eps,
-                  qk_scale=qk_scale) for i in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.head_drop = nn.Dropout(head_drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.build_body(depth, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path_rate,
+                        head_drop_rate, norm_eps=norm_eps, qk_scale=qk_scale)
         self.init_weights()
 
     @classmethod

@@ -108,14 +108,23 @@ class VisionTransformer(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
+        self.build_body(depth, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path_rate,
+                        head_drop_rate)
+        self.init_weights()
+
+    def build_body(self, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_rate: float,
+                   attn_drop_rate: float, drop_path_rate: float, head_drop_rate: float, norm_eps: float = 1e-6,
+                   qk_scale: Optional[float] = None) -> None:
+        """Everything after the embedding: dropout, the blocks (stochastic depth rising linearly to
+        drop_path_rate), the final norm and the classifier. Backbones with another embedding (T2T-ViT) share it."""
+        dim = self.embed_dim
         self.pos_drop = nn.Dropout(drop_rate)
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rates[i]) for i in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rates[i],
+                                          norm_eps=norm_eps, qk_scale=qk_scale) for i in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.head_drop = nn.Dropout(head_drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.init_weights()
+        self.head = nn.Linear(dim, self.num_classes) if self.num_classes > 0 else nn.Identity()
 
     @classmethod
     def from_config(cls, cfg) -> "VisionTransformer":
