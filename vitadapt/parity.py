@@ -293,9 +293,106 @@ def check_adavit(golden: dict) -> List[Comparison]:
     return out
 
 
+def _items(per_block):
+    """(block, value) pairs of a golden per-block entry, stored as a list or as a dict keyed by block."""
+    return per_block.items() if isinstance(per_block, dict) else enumerate(per_block)
+
+
+def _spread_thresholds(confidences: List[torch.Tensor]) -> List[float]:
+    """Thresholds under which about half the images stop at exit 1 and half of the rest at exit 2 (midpoints
+    between sorted confidences, so that no image sits on a threshold)."""
+    thresholds, waiting = [], torch.ones_like(confidences[0], dtype=torch.bool)
+    for conf in confidences[:-1]:
+        values = conf[waiting].sort(descending=True).values
+        if values.numel() < 2:
+            thresholds.append(float(values.min()) if values.numel() else 1.0)
+        else:
+            half = values.numel() // 2
+            thresholds.append(float(values[half - 1] + values[half]) / 2)
+        waiting &= conf < thresholds[-1]
+    return thresholds
+
+
+@torch.no_grad()
+def check_dvt(golden: dict) -> List[Comparison]:
+    from vitadapt.engine.budgeted import replay_official
+    from vitadapt.models.dvt import official_to_config_opts
+
+    model = _official_model(official_to_config_opts(golden["config"]), golden["state_dict"], "packed")
+    model.trace = True
+    images, inter = golden["input"], golden["intermediates"]
+    model(images)
+    exits, traces = model.last_exit_logits, model.last_trace
+    out: List[Comparison] = []
+    for k, (logits, trace) in enumerate(zip(exits, traces)):
+        tag = f"exit {k + 1} ({inter['token_grid'][k]}x{inter['token_grid'][k]})"
+        out.append(compare_float(f"{tag} logits", logits, golden["logits"][k], OUTPUT_ATOL))
+        out.append(compare_float(f"{tag} pre-logits", trace["pre_logits"], inter["pre_logits"][k], OUTPUT_ATOL))
+        out.append(compare_float(f"{tag} stage features", trace["features"], inter["stage_features"][k], OUTPUT_ATOL))
+        if k < len(inter["relations_out"]):
+            diffs = [compare_float("", mine, ref, OUTPUT_ATOL)
+                     for mine, ref in zip(trace["relations"], inter["relations_out"][k])]
+            out.append(Comparison(f"{tag} relation logits, {len(diffs)} blocks", max(d.max_diff for d in diffs),
+                                  len(diffs) == len(inter["relations_out"][k]) and all(d.ok for d in diffs)))
+        if k == 0:
+            continue
+        for block, ref in _items(inter["relation_bias"][k - 1]):
+            out.append(compare_float(f"{tag} relation bias, block {block}", trace["relation_bias"][block], ref,
+                                     OUTPUT_ATOL))
+        for block, ref in _items(inter["relation_bias_stats"][k - 1]):
+            bias = trace["relation_bias"][block].double()
+            mine = torch.stack([bias.sum(), bias.abs().sum(), bias.min(), bias.max()])
+            # Sums over every element: the tolerance scales with the abs-sum (float32 accumulation).
+            scale = torch.tensor([ref[1], ref[1], 1.0, 1.0], dtype=torch.float64)
+            diff = ((mine - ref.double()).abs() / scale).max().item()
+            out.append(Comparison(f"{tag} relation bias stats (sum, abs-sum, min, max; sums relative), block {block}",
+                                  diff, diff <= OUTPUT_ATOL))
+        diffs = [compare_float("", trace["reused_features"][block], ref, OUTPUT_ATOL)
+                 for block, ref in _items(inter["reused_features"][k - 1])]
+        out.append(Comparison(f"{tag} reused features, {len(diffs)} blocks", max(d.max_diff for d in diffs),
+                              all(d.ok for d in diffs)))
+    # Real early exit: each image's logits and exit equal running every exit and choosing afterwards.
+    confidences = [logits.softmax(dim=-1).amax(dim=-1) for logits in exits]
+    thresholds = _spread_thresholds(confidences)
+    simulated = torch.full_like(confidences[0], len(exits) - 1, dtype=torch.long)
+    for k in reversed(range(len(exits) - 1)):
+        simulated[confidences[k] >= thresholds[k]] = k
+    model.trace = False
+    model.set_thresholds(thresholds)
+    early = model(images)
+    out.append(compare_exact(f"early exit: exit per image at thresholds {[round(t, 4) for t in thresholds]}",
+                             model.last_exit, simulated))
+    chosen = torch.stack([exits[int(k)][i] for i, k in enumerate(simulated)])
+    out.append(compare_float("early exit: logits of the exit each image stopped at", early, chosen, OUTPUT_ATOL))
+    if "budgeted_batch" in golden:
+        out += _compare_budgeted_batch(golden["budgeted_batch"], replay_official(golden["budgeted_batch"]))
+    return out
+
+
+def _compare_budgeted_batch(ref: dict, mine: dict) -> List[Comparison]:
+    """The official threshold search and budgeted evaluation replayed on the golden's stored softmax outputs:
+    everything must be equal (pure comparisons and sorts on the same float32 numbers)."""
+    out = [compare_exact("budgeted batch: exit proportions [59, 3]", mine["exit_probs"], ref["exit_probs"]),
+           compare_exact("budgeted batch: thresholds (dynamic_threshold) [59, 3]", mine["dynamic_threshold"],
+                         ref["dynamic_threshold"]),
+           compare_exact("budgeted batch: exit of every test sample [59, n]", mine["exit_index"], ref["exit_index"])]
+    (flops, acc), (ref_flops, ref_acc) = mine["budgeted_batch_classification"], ref["budgeted_batch_classification"]
+    out.append(compare_exact("budgeted batch: expected GFLOPs, 59 points", torch.tensor(flops, dtype=torch.float64),
+                             torch.tensor(ref_flops, dtype=torch.float64)))
+    out.append(compare_exact("budgeted batch: top-1 accuracy, 59 points", torch.tensor(acc, dtype=torch.float64),
+                             torch.tensor(ref_acc, dtype=torch.float64)))
+    # The official anytime accuracy is a float32 per-batch average; the counts behind it are exact.
+    n = ref["test_targets"].numel()
+    counts = torch.tensor([round(a * n / 100) for a in ref["anytime_classification"]])
+    out.append(compare_exact("anytime accuracy: correct test samples per exit",
+                             torch.tensor(mine["anytime_correct"]), counts))
+    return out
+
+
 # Which method a golden file belongs to, from its official constructor arguments.
 PARITY_CHECKS: Dict[str, Callable[[dict], List[Comparison]]] = {"ats": check_ats, "evit": check_evit,
-                                                                "avit": check_avit, "adavit": check_adavit}
+                                                                "avit": check_avit, "adavit": check_adavit,
+                                                                "dvt": check_dvt}
 # Every kind of file in shared/golden, by name; those without an entry in PARITY_CHECKS are "not supported yet".
 GOLDEN_KINDS = {"ats": "ATS", "evit": "EViT", "avit": "A-ViT", "adavit": "AdaViT", "dvt": "DVT",
                 "video": "video backbone (TimeSformer / XViT)"}

@@ -4,15 +4,16 @@ Batches are dicts: {"inputs": [B,C,H,W], "labels": [B], "index": [B] (data set p
 """
 
 import random
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, Subset
 
 from vitadapt.config import num_workers
 
 from .build import build_dataset
+from .transforms import build_transform
 
 
 class ShardSampler(Sampler):
@@ -59,10 +60,19 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def construct_loader(cfg, split: str, rank: int = 0, world: int = 1, is_train: bool = None) -> DataLoader:
-    """Training loaders shuffle (seeded per epoch) and augment; evaluation loaders shard without padding."""
+def construct_loader(cfg, split: str, rank: int = 0, world: int = 1, is_train: bool = None,
+                     subset: Optional[Tuple[int, int]] = None) -> DataLoader:
+    """Training loaders shuffle (seeded per epoch) and augment; evaluation loaders shard without padding and use
+    the test transform, whatever the split (e.g. DVT's threshold search on training images).
+    subset: (count, seed): only `count` images of the split, drawn with that seed (all when count >= its size)."""
     is_train = split == "train" if is_train is None else is_train
     dataset = build_dataset(cfg.TRAIN.DATASET if is_train else cfg.TEST.DATASET, cfg, split)
+    if hasattr(dataset, "transform"):
+        dataset.transform = build_transform(cfg, is_train)
+    if subset is not None and subset[0] < len(dataset):
+        generator = torch.Generator().manual_seed(subset[1])
+        chosen = torch.randperm(len(dataset), generator=generator)[: subset[0]].sort().values
+        dataset = Subset(dataset, chosen.tolist())
     batch = (cfg.TRAIN.BATCH_SIZE if is_train else cfg.TEST.BATCH_SIZE) // world
     if is_train:
         # Seeded by RNG_SEED + epoch (set_epoch), so a resumed run sees the same order as an uninterrupted one.

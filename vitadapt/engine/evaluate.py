@@ -41,6 +41,26 @@ def reports(model, statistic: str) -> bool:
     return statistic in getattr(unwrap(model), "token_statistics", ())
 
 
+def exit_records(model, labels: torch.Tensor) -> dict:
+    """A multi-exit model's (DVT) per-batch record: the exit each image left at and, when every exit ran (no
+    thresholds), whether each exit's prediction is right."""
+    record = {"exit": model.last_exit.cpu()}
+    if model.last_exit_logits is not None:
+        record["correct"] = torch.stack([l.argmax(dim=1) == labels for l in model.last_exit_logits], dim=1).cpu()
+    return record
+
+
+def exit_statistics(records: list, num_exits: int) -> dict:
+    """Exit histogram (images per exit, 1-based in the names) and, when every exit ran, top-1 of every exit."""
+    exit_of = torch.cat([r["exit"] for r in records])
+    counts = torch.bincount(exit_of, minlength=num_exits)
+    out = {"exit_counts": counts.tolist(), "exit_fractions": [round(c / exit_of.numel(), 6) for c in counts.tolist()]}
+    if all("correct" in r for r in records):
+        correct = torch.cat([r["correct"] for r in records]).double()
+        out["top1_acc_per_exit"] = (100.0 * correct.mean(dim=0)).tolist()
+    return out
+
+
 class Progress:
     """A progress line every `period` batches: images done of this process's shard, running top-1, rate, ETA."""
 
@@ -66,8 +86,9 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
     Logs progress every `log_period` batches (0: never). Fails if no image of the split could be decoded."""
     model.eval()
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # n, top1, top5, loss, skipped, non-finite images
-    macs, counts, depths, predictions, extra = [], [], [], [], []
+    macs, counts, depths, predictions, extra, exits = [], [], [], [], [], []
     kept_tokens, halting = reports(model, "kept_tokens"), reports(model, "token_depth")
+    multi_exit = getattr(unwrap(model), "num_exits", 1) > 1
     progress = Progress(label, len(loader.sampler), log_period)
     for step, batch in enumerate(loader, 1):
         sums[4] += batch["skipped"]
@@ -83,8 +104,10 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
         sums[3] += F.cross_entropy(logits, labels, reduction="sum")
         sums[5] += (~torch.isfinite(logits).all(dim=1)).sum()
         token_counts = getattr(unwrap(model), "last_token_counts", None)
+        macs.append(unwrap(model).macs_per_image().cpu())
+        if multi_exit:
+            exits.append(exit_records(unwrap(model), labels))
         if token_counts is not None:
-            macs.append(unwrap(model).macs_per_image().cpu())
             if kept_tokens:
                 counts.append(token_counts[..., 1].cpu())  # [B, depth] tokens leaving each block's attention
             if halting:
@@ -105,14 +128,16 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
              "top5_acc": 100.0 * sums[2].item() / n, "loss": sums[3].item() / n, "skipped_images": int(sums[4].item()),
              "nonfinite_images": int(sums[5].item())}
     # One collective for every per-image record (every rank calls it, even with nothing to send).
-    ranks = du.all_gather_objects((macs, counts, depths, predictions, extra))
-    macs, counts, depths, predictions, extra = ([part for rank in ranks for part in rank[k]] for k in range(5))
+    ranks = du.all_gather_objects((macs, counts, depths, predictions, extra, exits))
+    macs, counts, depths, predictions, extra, exits = ([part for rank in ranks for part in rank[k]] for k in range(6))
     if macs:
         all_macs = torch.cat(macs)
         stats.update(gmacs_mean=all_macs.mean().item() / 1e9, gmacs_p50=all_macs.quantile(0.5).item() / 1e9,
                      gmacs_p95=all_macs.quantile(0.95).item() / 1e9)
     if depths:
         stats["token_depth_mean"] = torch.cat(depths).mean().item()
+    if exits:
+        stats.update(exit_statistics(exits, getattr(unwrap(model), "num_exits")))
     for name in extra[0] if extra else ():
         values = torch.cat([e[name] for e in extra])
         stats[f"{name}_mean"] = values.mean().item()

@@ -25,6 +25,7 @@ from vitadapt.utils.logging import log_json_stats, setup_logging, supersede_epoc
 from vitadapt.utils.lr_policy import lr_at_epoch
 from vitadapt.utils.optimizer import build_optimizer
 
+from .exits import prepare_exits
 from .evaluate import NoUsableImages, evaluate, report_nonfinite, reports, token_depth, topk_correct
 from .output_dir import claim_for_training, ensure_writable_dir, ensure_writable_file
 
@@ -122,7 +123,11 @@ def log_model_info(model, cfg, device) -> None:
     model(torch.zeros(1, cfg.VIT.IN_CHANS, cfg.DATA.TEST_CROP_SIZE, cfg.DATA.TEST_CROP_SIZE, device=device))
     gmacs = model.macs_per_image().item() / 1e9
     model.train(was_training)
-    adaptive = " for a blank image (adaptive: the cost depends on the image)" if model.token_statistics else ""
+    adaptive = (" for a blank image (adaptive: the cost depends on the image)"
+                if model.token_statistics or getattr(model, "num_exits", 1) > 1 else "")
+    if getattr(model, "num_exits", 1) > 1:
+        logger.info("GMACs per image leaving at each exit (cumulative): %s",
+                    " / ".join(f"{g:.4f}" for g in (model.exit_macs(cfg.DATA.TEST_CROP_SIZE) / 1e9).tolist()))
     logger.info("model %s: %.2fM parameters, %.3f GMACs per image at %dpx%s", cfg.MODEL.NAME, params / 1e6, gmacs,
                 cfg.DATA.TEST_CROP_SIZE, adaptive)
 
@@ -290,6 +295,7 @@ class Trainer:
         iters = len(self.train_loader)
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # n, loss*n, top1 correct, skipped
         has_aux = hasattr(cu.unwrap(model), "auxiliary_losses")
+        multi_exit = getattr(cu.unwrap(model), "num_exits", 1) > 1
         halting = reports(model, "token_depth")
         aux_sums: dict = {}  # name -> loss*n over the epoch; "token_depth" -> mean blocks per token * n
         start = tick = time.perf_counter()
@@ -311,7 +317,12 @@ class Trainer:
                 inputs, targets = self.mixup(inputs, labels)
             with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 logits = model(inputs)
-                loss = self.loss_fn(logits.float(), targets)
+                if multi_exit:  # every exit learns the task (DVT: the unweighted sum of the exits' losses)
+                    task = {f"exit{k + 1}": self.loss_fn(exit_logits.float(), targets)
+                            for k, exit_logits in enumerate(cu.unwrap(model).last_exit_logits)}
+                    loss = sum(task.values())
+                else:
+                    task, loss = {}, self.loss_fn(logits.float(), targets)
                 # A method's own training losses (A-ViT ponder and prior, ...), by name, from this forward.
                 aux = {k: v.float() for k, v in cu.unwrap(model).auxiliary_losses().items()} if has_aux else {}
                 loss = loss + sum(aux.values()) if aux else loss
@@ -334,7 +345,7 @@ class Trainer:
             sums[0] += n
             sums[1] += loss.detach() * n
             sums[2] += topk_correct(logits.detach(), labels, 1)
-            parts = {name: value.detach() for name, value in aux.items()}
+            parts = {name: value.detach() for name, value in {**task, **aux}.items()}
             if halting:
                 parts["token_depth"] = token_depth(cu.unwrap(model).last_token_counts).mean()
             for name, value in parts.items():
@@ -423,8 +434,11 @@ def test(cfg) -> dict:
         logger.warning("TEST.CHECKPOINT_FILE_PATH is set: the test job evaluates %s, not the checkpoint this run "
                        "trained", path)
     cu.load_weights(model, path, prefer_ema=cfg.MODEL_EMA.ENABLE and cfg.MODEL_EMA.EVAL)
+    # A multi-exit model (DVT): its curves, then the thresholds its early-exit evaluation runs with.
+    exit_stats = prepare_exits(cfg, model, device, path, amp_dtype(cfg, device)) if getattr(model, "num_exits", 1) > 1 else {}
     stats = evaluate(model, loader, device, amp_dtype(cfg, device), keep_predictions=bool(out),
                      label=f"test on {cfg.TEST.SPLIT}", log_period=cfg.LOG_PERIOD)
+    stats.update(exit_stats)
     predictions = stats.pop("predictions", None)
     stats.update(_type="test_final", checkpoint=path, split=cfg.TEST.SPLIT)
     if du.is_master():
@@ -434,6 +448,12 @@ def test(cfg) -> dict:
         if "gmacs_mean" in stats:
             logger.info("GMACs per image: mean %.4f, p50 %.4f, p95 %.4f", stats["gmacs_mean"], stats["gmacs_p50"],
                         stats["gmacs_p95"])
+        if "exit_counts" in stats:
+            logger.info("images per exit: %s (exit GMACs, cumulative: %s)", " / ".join(map(str, stats["exit_counts"])),
+                        " / ".join(f"{g:.4f}" for g in stats.get("exit_gmacs", [])))
+        if "top1_acc_per_exit" in stats:
+            logger.info("top-1 per exit (every exit on every image): %s",
+                        " / ".join(f"{a:.2f}%" for a in stats["top1_acc_per_exit"]))
         if "token_depth_mean" in stats:
             logger.info("mean token depth %.2f of %d blocks", stats["token_depth_mean"],
                         len(stats["tokens_per_block_mean"]))

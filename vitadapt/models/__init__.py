@@ -6,6 +6,7 @@ from .evit import EViTVisionTransformer  # noqa: E402  (registers the model and 
 from .avit import AViTVisionTransformer  # noqa: E402  (registers the model and the AVIT config node)
 from .adavit import AdaViTVisionTransformer  # noqa: E402  (registers the model and the ADAVIT config node)
 from .t2t import T2TViT  # noqa: E402  (registers the model and the T2T config node)
+from .dvt import DVT  # noqa: E402  (registers the model and the DVT config node)
 
 __all__ = ["MODEL_REGISTRY", "build_model", "TokenAdapter", "TokenBatch", "VisionTransformer", "ATSVisionTransformer", "EViTVisionTransformer",
-           "AViTVisionTransformer", "AdaViTVisionTransformer", "T2TViT"]
+           "AViTVisionTransformer", "AdaViTVisionTransformer", "T2TViT", "DVT"]

@@ -188,6 +188,8 @@ class TokenAdapter(nn.Module):
     needs_cls_attention: bool = False
     # Set to receive the keys and values of every attention call (`observe_attention`).
     observes_attention: bool = False
+    # Set to receive the pre-softmax attention logits (`observe_attention_logits`); attention is then explicit.
+    records_attention_logits: bool = False
 
     def before_block(self, tokens: TokenBatch) -> TokenBatch:
         return tokens
@@ -199,6 +201,17 @@ class TokenAdapter(nn.Module):
     def observe_attention(self, tokens: TokenBatch, keys: Tensor, values: Tensor, key_mask: Optional[Tensor]) -> None:
         """Inside attention: keys and values [B, heads, N, head_dim] (padded layout) and the key mask given to
         attention ([B, 1, 1, N] bool or None), for a method that runs extra queries over the same keys."""
+
+    def attention_bias(self, tokens: TokenBatch) -> Optional[Tensor]:
+        """An additive bias for the attention logits before the softmax, [B, heads, N, N] (padded layout), or None."""
+        return None
+
+    def observe_attention_logits(self, logits: Tensor) -> None:
+        """The scaled, bias-included attention logits [B, heads, N, N], when `records_attention_logits` is set."""
+
+    def mlp_input(self, tokens: TokenBatch) -> Tensor:
+        """What the block's norm2 and MLP read (its residual stays tokens.x): extra channels may be appended."""
+        return tokens.x
 
     def after_attention(self, tokens: TokenBatch, cls_attention: Optional[Tensor],
                         values: Optional[Tensor]) -> TokenBatch:

@@ -39,9 +39,23 @@ class Attention(nn.Module):
         c = c3 // 3
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         key_mask = tokens.key_mask()
-        scale = {} if self.qk_scale is None else {"scale": self.qk_scale}
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
-                                             dropout_p=self.attn_drop if self.training else 0.0, **scale)
+        bias = adapter.attention_bias(tokens) if adapter is not None else None
+        if adapter is not None and adapter.records_attention_logits:
+            # The method needs the logits themselves (DVT reuses them downstream): explicit attention.
+            logits = (q @ k.transpose(-2, -1)) * self.scale
+            if bias is not None:
+                logits = logits + bias
+            if key_mask is not None:
+                logits = logits.masked_fill(~key_mask, float("-inf"))
+            adapter.observe_attention_logits(logits)
+            out = F.dropout(logits.softmax(dim=-1), self.attn_drop, self.training) @ v
+        else:
+            mask = key_mask
+            if bias is not None:  # an additive bias before the softmax is a float mask to the fused kernel
+                mask = bias if key_mask is None else bias.masked_fill(~key_mask, float("-inf"))
+            scale = {} if self.qk_scale is None else {"scale": self.qk_scale}
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                 dropout_p=self.attn_drop if self.training else 0.0, **scale)
         if adapter is not None:  # e.g. per-image head selection, before the heads are merged
             out = adapter.attention_heads(tokens, out)
             if adapter.observes_attention:
@@ -54,6 +68,19 @@ class Attention(nn.Module):
         if key_mask is not None:
             logits = logits.masked_fill(~key_mask[:, :, 0], float("-inf"))
         return out, logits.softmax(dim=-1), v
+
+
+class PaddedPatchEmbed(nn.Module):
+    """Patch embedding of a zero-padded image (timm's PatchEmbed needs the size to be a multiple of the patch)."""
+
+    def __init__(self, img_size: int, patch_size: int, padding: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size, padding=padding)
+        side = (img_size + 2 * padding - patch_size) // patch_size + 1
+        self.patch_size, self.grid_size, self.num_patches = (patch_size, patch_size), (side, side), side * side
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.proj(images).flatten(2).transpose(1, 2)
 
 
 class Block(nn.Module):
@@ -82,7 +109,8 @@ class Block(nn.Module):
         if adapter is not None:
             tokens = adapter.after_attention(tokens, cls_attention, values)
         tokens.token_counts.append(torch.stack([n_attn, tokens.num_live()], dim=1))
-        tokens = tokens.add_residual(tokens.drop_path(self.mlp(self.norm2(tokens.x)), self.drop_path, self.training))
+        h = tokens.x if adapter is None else adapter.mlp_input(tokens)
+        tokens = tokens.add_residual(tokens.drop_path(self.mlp(self.norm2(h)), self.drop_path, self.training))
         if adapter is not None:
             tokens = adapter.after_block(tokens)
         return tokens
@@ -99,13 +127,17 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
-                 drop_path_rate: float = 0.0, head_drop_rate: float = 0.0, token_execution: str = "packed"):
+                 drop_path_rate: float = 0.0, head_drop_rate: float = 0.0, token_execution: str = "packed",
+                 patch_padding: int = 0):
         super().__init__()
         # How a method's per-image token selection runs: "packed" (real removal) or "masked" (dense + mask).
         self.token_execution = token_execution
         self.num_classes = num_classes
         self.embed_dim = embed_dim
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
+        if patch_padding:  # zeros around the image before patching (DVT's 10x10 grid: 23 px patches of 224 + 2 x 3)
+            self.patch_embed = PaddedPatchEmbed(img_size, patch_size, patch_padding, in_chans, embed_dim)
+        else:
+            self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.build_body(depth, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path_rate,
@@ -150,7 +182,9 @@ class VisionTransformer(nn.Module):
 
     def embed(self, images: Tensor) -> TokenBatch:
         x = self.patch_embed(images)
-        grid = (images.shape[-2] // self.patch_embed.patch_size[0], images.shape[-1] // self.patch_embed.patch_size[1])
+        proj = self.patch_embed.proj
+        grid = tuple((size + 2 * pad - kernel) // stride + 1 for size, kernel, stride, pad
+                     in zip(images.shape[-2:], proj.kernel_size, proj.stride, proj.padding))
         pos = self.pos_embed
         if grid != tuple(self.patch_grid):
             pos = resample_abs_pos_embed(pos, list(grid), list(self.patch_grid), num_prefix_tokens=1)

@@ -1,0 +1,158 @@
+"""The test job of a multi-exit model (DVT): its budgeted-batch and anytime curves, and its early-exit thresholds.
+
+Before the early-exit evaluation, every exit runs on every image of two sets: a threshold-search set (a seeded
+subset of DVT.THRESHOLD_SPLIT, seen with the test transform) and the test split. From their softmax outputs:
+the anytime accuracy of each exit, and for every budget point the thresholds found on the search set and the
+accuracy / expected GMACs they give on the test split (vitadapt.engine.budgeted), written to
+OUTPUT_DIR/dvt_curves.json and dvt_curves.png. Then the thresholds of the operating point are set on the model,
+and the ordinary evaluation runs it with real early exit.
+"""
+
+import json
+import logging
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from iopath.common.file_io import g_pathmgr
+
+from vitadapt.config import ConfigError
+from vitadapt.datasets import construct_loader
+from vitadapt.utils import checkpoint as cu
+from vitadapt.utils import distributed as du
+
+from .budgeted import (OFFICIAL_BUDGET_POINTS, budget_curve, budgeted_evaluate, exit_proportions,
+                       find_thresholds)
+from .evaluate import to_device
+
+logger = logging.getLogger(__name__)
+CURVES_JSON, CURVES_PNG = "dvt_curves.json", "dvt_curves.png"
+
+
+@torch.no_grad()
+def exit_probabilities(model, loader, device, amp_dtype=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(softmax outputs [K, n, C], labels [n]) of every exit on every image of the loader, gathered from all
+    processes in data set order."""
+    model.eval()
+    parts = []
+    for batch in loader:
+        if batch["inputs"] is None:
+            continue
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            model(batch["inputs"])
+        probs = torch.stack([logits.float().softmax(dim=-1) for logits in model.last_exit_logits])
+        parts.append((batch["index"].cpu(), probs.cpu(), batch["labels"].cpu()))
+    parts = [p for rank in du.all_gather_objects(parts) for p in rank]
+    if not parts:
+        raise ConfigError("no image could be decoded for the DVT curves / threshold search")
+    order = torch.cat([p[0] for p in parts]).argsort()
+    return torch.cat([p[1] for p in parts], dim=1)[:, order], torch.cat([p[2] for p in parts])[order]
+
+
+def stored_thresholds(path: str) -> Optional[torch.Tensor]:
+    """The `dynamic_threshold` [59, K] an official DVT checkpoint stores, or None."""
+    obj = cu.load_file(path)
+    stored = obj.get("dynamic_threshold") if isinstance(obj, dict) else None
+    if stored is None:
+        return None
+    stored = torch.as_tensor(stored, dtype=torch.float32)
+    if stored.dim() != 2 or stored.shape[0] != OFFICIAL_BUDGET_POINTS:
+        raise ConfigError(f"{path}: dynamic_threshold has shape {tuple(stored.shape)}, expected "
+                          f"[{OFFICIAL_BUDGET_POINTS}, exits]")
+    return stored
+
+
+def log_official_figures(path: str) -> None:
+    """What an official DVT checkpoint says about itself (its per-exit GFLOPs, anytime accuracy)."""
+    obj = cu.load_file(path)
+    if isinstance(obj, dict):
+        for key in ("flops", "anytime_classification"):
+            if key in obj:
+                logger.info("%s stores %s = %s", os.path.basename(path), key,
+                            [round(float(v), 4) for v in torch.as_tensor(obj[key]).flatten().tolist()])
+
+
+def prepare_exits(cfg, model, device, checkpoint_path: str, amp_dtype=None) -> dict:
+    """Curves (when DVT.CURVES) and the early-exit thresholds of the test job, set on the model. Returns the
+    statistics to log with the test results (the operating point and what the curve predicts for it)."""
+    d = cfg.DVT
+    gflops = (model.exit_macs(cfg.DATA.TEST_CROP_SIZE) / 1e9).tolist()
+    stored = stored_thresholds(checkpoint_path) if d.THRESHOLD_SOURCE == "checkpoint" or d.CURVES else None
+    if d.THRESHOLD_SOURCE == "checkpoint" and stored is None:
+        raise ConfigError(f"DVT.THRESHOLD_SOURCE checkpoint: {checkpoint_path} stores no dynamic_threshold "
+                          "(official DVT .pth.tar files do); use DVT.THRESHOLD_SOURCE search")
+    log_official_figures(checkpoint_path)
+    searching = d.CURVES or d.BUDGET_GMACS > 0 or (d.BUDGET_POINT > 0 and d.THRESHOLD_SOURCE == "search")
+    model.set_thresholds(None)
+    stats: dict = {"exit_gmacs": [round(g, 6) for g in gflops]}
+    search = None
+    if searching:
+        if d.THRESHOLD_SPLIT == cfg.TEST.SPLIT:
+            logger.warning("DVT.THRESHOLD_SPLIT is the test split (%s): the thresholds are tuned on the images they "
+                           "are measured on", cfg.TEST.SPLIT)
+        loader = construct_loader(cfg, d.THRESHOLD_SPLIT, du.get_rank(), du.get_world_size(), is_train=False,
+                                  subset=(d.THRESHOLD_IMAGES, d.THRESHOLD_SEED))
+        search = exit_probabilities(model, loader, device, amp_dtype)
+        logger.info("threshold search: every exit on %d images of %s (seed %d)", search[1].numel(),
+                    d.THRESHOLD_SPLIT, d.THRESHOLD_SEED)
+    if d.CURVES:
+        loader = construct_loader(cfg, cfg.TEST.SPLIT, du.get_rank(), du.get_world_size(), is_train=False)
+        test_probs, test_labels = exit_probabilities(model, loader, device, amp_dtype)
+        curves = {"budgeted (threshold search)": budget_curve(search[0], test_probs, test_labels, gflops)}
+        if stored is not None and stored.shape[1] == model.num_exits:
+            curves["budgeted (checkpoint thresholds)"] = budget_curve(None, test_probs, test_labels, gflops,
+                                                                      thresholds=stored)
+        anytime = curves["budgeted (threshold search)"]["anytime"]
+        logger.info("anytime top-1 per exit: %s at %s GMACs", " / ".join(f"{a:.2f}%" for a in anytime["top1_acc"]),
+                    " / ".join(f"{g:.4f}" for g in gflops))
+        stats["anytime_top1_acc"] = anytime["top1_acc"]
+        if du.is_master():
+            write_curves(cfg, curves)
+    thresholds = choose_thresholds(cfg, search, stored, gflops)
+    if thresholds is not None:
+        model.set_thresholds(thresholds)
+        stats["thresholds"] = [round(t, 6) for t in thresholds]
+        if search is not None:
+            acc, cost = budgeted_evaluate(search[0], search[1], gflops, torch.tensor(thresholds + [-1e8]))
+            stats.update(search_top1_acc=acc, search_expected_gmacs=cost)
+        logger.info("early exit with thresholds %s", [round(t, 4) for t in thresholds])
+    else:
+        logger.info("no DVT thresholds (DVT.THRESHOLDS / BUDGET_POINT / BUDGET_GMACS): every exit runs, the last "
+                    "one answers")
+    return stats
+
+
+def choose_thresholds(cfg, search, stored, gflops) -> Optional[List[float]]:
+    """The operating point: DVT.THRESHOLDS, a budget point's thresholds, or the most accurate budget point (on the
+    search set) within DVT.BUDGET_GMACS; None when none is asked for."""
+    d = cfg.DVT
+    if d.THRESHOLDS:
+        return [float(t) for t in d.THRESHOLDS[: len(gflops) - 1]]
+    if d.BUDGET_POINT > 0:
+        if d.THRESHOLD_SOURCE == "checkpoint":
+            return stored[d.BUDGET_POINT - 1, :-1].tolist()
+        return find_thresholds(search[0], exit_proportions(d.BUDGET_POINT, len(gflops)))[:-1].tolist()
+    if d.BUDGET_GMACS > 0:
+        best = None
+        for point in range(1, OFFICIAL_BUDGET_POINTS + 1):
+            thresholds = find_thresholds(search[0], exit_proportions(point, len(gflops)))
+            acc, cost = budgeted_evaluate(search[0], search[1], gflops, thresholds)
+            if cost <= d.BUDGET_GMACS and (best is None or acc > best[0]):
+                best = (acc, thresholds[:-1].tolist())
+        if best is None:
+            raise ConfigError(f"DVT.BUDGET_GMACS {d.BUDGET_GMACS}: no budget point is that cheap on the search set "
+                              f"(exit 1 alone costs {gflops[0]:.4f} GMACs per image)")
+        return best[1]
+    return None
+
+
+def write_curves(cfg, curves: dict) -> None:
+    from vitadapt.visualization.curves import plot_budget_curves
+
+    path = os.path.join(cfg.OUTPUT_DIR, CURVES_JSON)
+    with g_pathmgr.open(path + ".tmp", "w") as f:
+        json.dump(curves, f, indent=1)
+    os.replace(path + ".tmp", path)
+    plot_budget_curves(curves, os.path.join(cfg.OUTPUT_DIR, CURVES_PNG), title=f"{cfg.MODEL.NAME} on {cfg.TEST.SPLIT}")
+    logger.info("budgeted-batch and anytime curves written to %s and %s", path, CURVES_PNG)

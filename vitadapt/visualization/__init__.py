@@ -1,0 +1,1 @@
+"""Figures of evaluation results, drawn with Pillow only (no plotting library is a dependency)."""
