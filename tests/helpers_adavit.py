@@ -563,3 +563,150 @@ def craft(ctor: dict, sd: Dict[str, torch.Tensor], images: torch.Tensor,
                     logits = out[name + "_logits"][:, i - index, 0]
                     sd[f"{pre}.{name}.mlp_head.bias"][:] = split_bias(logits)
     return sd
+
+
+# ----------------------------------------------------------------------------------------------- T2T-ViT variant
+# The official ada_step_t2t_vit_*_lnorm models: AdaStepT2T_ViT(use_t2t=True, tokens_type='performer', qkv_bias
+# False, norm_layer nn.LayerNorm (eps 1e-5), qk_scale None unless pretrained), here with tiny dimensions.
+T2T_CONSTRUCTOR = dict(DEFAULT_CONSTRUCTOR, img_size=48, num_classes=5, embed_dim=24, depth=4, num_heads=3,
+                       mlp_ratio=3.0, qkv_bias=False, norm_eps=1e-5, norm_layer="nn.LayerNorm", use_t2t=True,
+                       tokens_type="performer", token_dim=8)
+T2T_SPLITS = {"performer": ((7, 4, 2), (3, 2, 1), (3, 2, 1))}
+ADAVIT_REPO = Path(os.environ.get("VITADAPT_ADAVIT_REPO") or (REPO.parent / ".mirror" / "MengLcool+AdaViT" / "repo"))
+OFFICIAL_T2T_FILES = ("ada_t2t_vit", "ada_transformer_block", "token_performer", "token_transformer",
+                      "transformer_block")
+
+
+def t2t_constructor(**overrides) -> dict:
+    ctor = dict(T2T_CONSTRUCTOR)
+    ctor.update(overrides)
+    return ctor
+
+
+def t2t_grids(ctor: dict) -> List[int]:
+    """Side of the token grid after each soft split of the official T2T_module."""
+    size, out = ctor["img_size"], []
+    for kernel, stride, padding in T2T_SPLITS[ctor["tokens_type"]]:
+        size = (size + 2 * padding - kernel) // stride + 1
+        out.append(size)
+    return out
+
+
+def random_t2t_state_dict(ctor: dict, seed: int = 0, tokenizer_scale: float = 1.0,
+                          **perturbation) -> Dict[str, torch.Tensor]:
+    """Random weights in the layout of the official AdaStepT2T_ViT(use_t2t=True), written from its code (not from
+    an instance): `random_state_dict`'s blocks and decision heads (attn.{query,key,value}.weight, no bias with
+    qkv_bias False), and instead of patch_embed the T2T_module of two Token_performer (w [m, e] fixed orthogonal
+    random features * sqrt(m), kqv [3e, d], proj [e, e], norm1 [d], norm2 [e], mlp.0 / mlp.2 [e, e]) and
+    project [C, 9 token_dim]; pos_embed [1, grid^2 + 1, C] the sinusoid table. tokenizer_scale multiplies the
+    tokenizer's linear weights (trunc_normal(.02) as the official init)."""
+    sd = random_state_dict(ctor, seed=seed, **perturbation)
+    g = torch.Generator().manual_seed(seed + 1000)
+    c, e = ctor["embed_dim"], ctor["token_dim"]
+    m = int(e * 0.5)
+    (k0, _, _), (k1, _, _), (k2, _, _) = T2T_SPLITS[ctor["tokens_type"]]
+    grid = t2t_grids(ctor)[-1]
+
+    def tn(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).clamp(-2.0, 2.0) * tokenizer_scale
+
+    out = {"cls_token": sd["cls_token"], "pos_embed": sinusoid_table(grid * grid + 1, c)}
+    for name, d in (("attention1", ctor["in_chans"] * k0 * k0), ("attention2", e * k1 * k1)):
+        pre = f"tokens_to_token.{name}."
+        w = torch.linalg.qr(torch.randn(e, m, generator=g))[0].t() * math.sqrt(m)  # orthogonal rows, as the official
+        out.update({pre + "w": w.contiguous(), pre + "kqv.weight": tn(3 * e, d), pre + "kqv.bias": torch.zeros(3 * e),
+                    pre + "proj.weight": tn(e, e), pre + "proj.bias": torch.zeros(e),
+                    pre + "norm1.weight": torch.ones(d), pre + "norm1.bias": torch.zeros(d),
+                    pre + "norm2.weight": torch.ones(e), pre + "norm2.bias": torch.zeros(e),
+                    pre + "mlp.0.weight": tn(e, e), pre + "mlp.0.bias": torch.zeros(e),
+                    pre + "mlp.2.weight": tn(e, e), pre + "mlp.2.bias": torch.zeros(e)})
+    out["tokens_to_token.project.weight"] = tn(c, e * k2 * k2)
+    out["tokens_to_token.project.bias"] = torch.zeros(c)
+    out.update({k: v for k, v in sd.items()
+                if k not in ("cls_token", "pos_embed") and not k.startswith("patch_embed.")})
+    return out
+
+
+def official_t2t_module(workdir: Path):
+    """The official models/ada_t2t_vit.py (and the four files it imports), copied from the AdaViT repository
+    (ADAVIT_REPO: a checkout, or a bare git mirror read with `git show`) into `workdir` and imported as a package
+    of its own, with the installed timm. None when the repository is not there or the code does not import."""
+    import importlib
+    import shutil
+    import subprocess
+    import sys
+    import warnings
+
+    package = workdir / "official_adavit_t2t"
+    package.mkdir(parents=True, exist_ok=True)
+    for name in OFFICIAL_T2T_FILES:
+        source = ADAVIT_REPO / "models" / f"{name}.py"
+        if source.is_file():
+            shutil.copy(source, package / f"{name}.py")
+            continue
+        try:
+            text = subprocess.run(["git", "-C", str(ADAVIT_REPO), "show", f"HEAD:models/{name}.py"], check=True,
+                                  capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        (package / f"{name}.py").write_text(text)
+    (package / "__init__.py").write_text("")  # not the official __init__ (it also imports deit.py)
+    sys.path.insert(0, str(workdir))
+    sys.dont_write_bytecode, before = True, sys.dont_write_bytecode
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # timm's deprecated import paths, registry overwrites
+            return importlib.import_module("official_adavit_t2t.ada_t2t_vit")
+    except Exception:
+        return None
+    finally:
+        sys.dont_write_bytecode = before
+        sys.path.remove(str(workdir))
+
+
+def official_t2t_model(module, ctor: dict):
+    """The official AdaStepT2T_ViT for the constructor arguments `ctor` (T2T variant, tiny)."""
+    kwargs = {k: ctor[k] for k in ("img_size", "tokens_type", "in_chans", "num_classes", "embed_dim", "depth",
+                                   "norm_policy", "ada_head", "ada_head_v2", "ada_head_attn", "ada_layer",
+                                   "ada_token", "ada_token_with_mlp", "ada_token_start_layer",
+                                   "ada_token_pre_softmax", "ada_token_detach_attn", "ada_token_detach_attn_at_mlp",
+                                   "keep_layers", "num_heads", "mlp_ratio", "qkv_bias", "qk_scale", "drop_rate",
+                                   "attn_drop_rate", "drop_path_rate", "token_dim")}
+    return module.AdaStepT2T_ViT(use_t2t=True, **kwargs)
+
+
+class OfficialGumbelRecorder:
+    """Wraps the official `_gumbel_sigmoid` (module `block_module`) while active: every training call runs the
+    ORIGINAL function, then the RNG state is rewound and its two Gumbel draws are drawn again exactly as it drew
+    them, checked to reproduce its output and recorded as {module, gumbel1, gumbel2} in call order (the module
+    name from forward pre-hooks on the official decision modules)."""
+
+    def __init__(self, block_module, model):
+        self.block_module, self.calls, self.current = block_module, [], None
+        self.original = block_module._gumbel_sigmoid
+        kinds = (block_module.SimpleTokenSelect, block_module.BlockHeadSelect, block_module.BlockLayerSelect)
+        self.hooks = [m.register_forward_pre_hook(lambda mod, args, name=name: setattr(self, "current", name))
+                      for name, m in model.named_modules() if isinstance(m, kinds)]
+
+    def __enter__(self):
+        def recording(logits, tau=1, hard=False, eps=1e-10, training=True, threshold=0.5):
+            state = torch.get_rng_state()
+            out = self.original(logits, tau, hard, eps, training, threshold)
+            if training:
+                after = torch.get_rng_state()
+                torch.set_rng_state(state)
+                g1 = -torch.empty_like(logits).exponential_().log()
+                g2 = -torch.empty_like(logits).exponential_().log()
+                assert torch.equal(torch.get_rng_state(), after)
+                soft = ((logits + g1 - g2) / tau).sigmoid()
+                assert torch.equal((soft > threshold).to(out.dtype), out.detach())
+                self.calls.append({"module": self.current, "gumbel1": g1.detach(), "gumbel2": g2.detach()})
+            return out
+
+        self.block_module._gumbel_sigmoid = recording
+        return self
+
+    def __exit__(self, *exc):
+        self.block_module._gumbel_sigmoid = self.original
+        for hook in self.hooks:
+            hook.remove()

@@ -287,7 +287,7 @@ def check_adavit(golden: dict) -> List[Comparison]:
             reference = model.adapt_official_state_dict(golden["grads"][setting], LoadReport("golden grads"))
             none = [k for k in golden["grads"][setting + "_none"]]
             out += compare_gradients(f"{tag} {setting}", grads, reference, none)
-            frozen = [k for k in none if params[k].requires_grad]
+            frozen = [k for k in none if k in params and params[k].requires_grad]  # buffers are frozen
             out.append(Comparison(f"{tag} {setting}: frozen parameters ({', '.join(none)})", float(len(frozen)),
                                   not frozen))
     return out

@@ -26,6 +26,10 @@ is cheaper than gathering per image). Both give the same logits.
 
 Costs per image, both logged: the official flops table (adavit_costs), and the MACs packed execution really
 computes (`macs_per_image`).
+
+Backbones: AdaViTVisionTransformer is the official DeiT variant (ada_step_deit_*: patch embedding, LayerNorm eps
+1e-6, qkv bias); AdaViTT2TViT the T2T-ViT one (ada_step_t2t_vit_{14,19}_lnorm: Tokens-to-Token tokenizer,
+LayerNorm eps 1e-5, no qkv bias, optional qk_scale), the same decisions and block computation through inheritance.
 """
 
 import logging
@@ -39,8 +43,10 @@ from torch import Tensor, nn
 
 from vitadapt.config import ConfigError, register_config
 
-from .adavit_costs import UsageLossWeights, official_flops_table, official_gflops, usage_loss
+from .adavit_costs import (OFFICIAL_BASE_GFLOPS_DEIT, OFFICIAL_BASE_GFLOPS_OTHER, UsageLossWeights,
+                           official_flops_table, official_gflops, usage_loss)
 from .build import MODEL_REGISTRY
+from .t2t import T2TViT, t2t_kwargs, validate_t2t_config
 from .tokens import TokenBatch
 from .vit import Block, VisionTransformer, _init_linear_and_norm, sinusoid_table, vit_kwargs
 
@@ -114,8 +120,9 @@ class AdaViTVisionTransformer(VisionTransformer):
             block.head_select = DecisionHead(dim, heads) if ada_head and decides else None
             block.layer_select = DecisionHead(dim, 2) if ada_layer and decides else None
             block.attn.token_select = DecisionHead(dim, 1) if ada_token and i >= token_start_layer else None
-            block.norm_policy = (nn.LayerNorm(dim, eps=1e-6) if norm_policy and decides and (ada_head or ada_layer)
-                                 else None)
+            # Official: norm_layer(dim), the backbone's LayerNorm (eps 1e-6 for DeiT, 1e-5 for T2T-ViT's "lnorm").
+            policy_norm = norm_policy and decides and (ada_head or ada_layer)
+            block.norm_policy = nn.LayerNorm(dim, eps=self.norm.eps) if policy_norm else None
         for module in self.modules():  # trunc_normal(0.02) weights and zero biases, as every official Linear
             if isinstance(module, DecisionHead):
                 module.apply(_init_linear_and_norm)
@@ -130,15 +137,7 @@ class AdaViTVisionTransformer(VisionTransformer):
 
     @classmethod
     def from_config(cls, cfg) -> "AdaViTVisionTransformer":
-        a = cfg.ADAVIT
-        return cls(ada_head=a.HEAD, ada_layer=a.LAYER, ada_token=a.TOKEN, token_with_mlp=a.TOKEN_WITH_MLP,
-                   keep_layers=a.KEEP_LAYERS, token_start_layer=a.TOKEN_START_LAYER,
-                   head_threshold=a.HEAD_THRESHOLD, layer_threshold=a.LAYER_THRESHOLD,
-                   token_threshold=a.TOKEN_THRESHOLD, tau=a.TAU, token_pre_softmax=a.TOKEN_PRE_SOFTMAX,
-                   token_detach_attn=a.TOKEN_DETACH_ATTN, token_detach_attn_at_mlp=a.TOKEN_DETACH_ATTN_AT_MLP,
-                   head_v2=a.HEAD_V2, head_attn=a.HEAD_ATTN, norm_policy=a.NORM_POLICY,
-                   train_pos_embed=a.TRAIN_POS_EMBED, usage_weights=usage_weights_from_config(a),
-                   official_base_gflops=a.OFFICIAL_BASE_GFLOPS, **vit_kwargs(cfg))
+        return cls(**adavit_kwargs(cfg), **vit_kwargs(cfg))
 
     # ------------------------------------------------------------------ decisions
     def _decide(self, kind: str, name: str, logits: Tensor) -> Tensor:
@@ -251,13 +250,15 @@ class AdaViTVisionTransformer(VisionTransformer):
         attn = block.attn
         c = h.shape[1]
         heads, dh = attn.num_heads, c // attn.num_heads
+        # An explicit qk_scale (T2T-ViT's embed_dim**-0.5) as the backbone's Attention passes it; else the default.
+        scale = {} if attn.qk_scale is None else {"scale": attn.qk_scale}
         if heads_kept is None or self.head_attn:
             x = h.index_select(0, index)
             tokens = TokenBatch.packed_rows(x, lengths)
             # Every head runs (HEAD_ATTN: a dropped head attends to itself only, its output is its value).
             qkv = tokens.padded(F.linear(x, attn.qkv.weight, attn.qkv.bias))
             q, k, v = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, heads, dh).permute(2, 0, 3, 1, 4)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.key_mask())
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.key_mask(), **scale)
             if heads_kept is not None:
                 out = torch.where(heads_kept[:, :, None, None] > 0.5, out, v)
             out = tokens.unpadded(out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], c))
@@ -295,7 +296,7 @@ class AdaViTVisionTransformer(VisionTransformer):
             source = ((pair_len.cumsum(0) - pair_len)[:, None] + slots).clamp(max=qkv.shape[0] - 1)
             # Gathered as [3, P * W, dh]: q, k and v come out contiguous.
             q, k, v = qkv.view(-1, 3, dh).transpose(0, 1).index_select(1, source.view(-1)).view(3, *valid.shape, dh)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, :])
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, :], **scale)
             row = (lengths.cumsum(0) - lengths)[pair_image][:, None] + slots
             out.view(-1, dh).index_copy_(0, (row * heads + pair_head[:, None])[valid], o[valid].to(out.dtype))
         return F.linear(out.view(rows, c), attn.proj.weight, attn.proj.bias)
@@ -377,7 +378,6 @@ class AdaViTVisionTransformer(VisionTransformer):
         Blocks, branches and tokens that are off cost nothing."""
         c, heads = self.embed_dim, self.blocks[0].attn.num_heads
         hidden = self.blocks[0].mlp.fc1.out_features
-        proj = self.patch_embed.proj
         n = self.last_num_tokens
         total = 0
         for block, d in zip(self.blocks, self.last_decisions):
@@ -394,8 +394,13 @@ class AdaViTVisionTransformer(VisionTransformer):
                 attn = 3 * t * c * w + 2 * t * t * w + t * c * c
             mlp = 2 * t_mlp * c * hidden  # fc1 on the masked channels, fc2
             total = total + decide + a * attn + m * mlp
-        patches = (n - 1) * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * c
-        return total + patches + c * self.num_classes
+        return total + self._embedding_macs() + c * self.num_classes
+
+    def _embedding_macs(self) -> int:
+        """MACs per image before the blocks, at the last forward's input size: the patch embedding."""
+        proj = self.patch_embed.proj
+        return ((self.last_num_tokens - 1) * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1]
+                * self.embed_dim)
 
     def official_gflops(self) -> Tensor:
         """[B] GFLOPs of the last forward by the official flops table (its quirks: see adavit_costs)."""
@@ -445,6 +450,58 @@ class AdaViTVisionTransformer(VisionTransformer):
         return sd
 
 
+@MODEL_REGISTRY.register()
+class AdaViTT2TViT(AdaViTVisionTransformer, T2TViT):
+    """AdaViT on T2T-ViT: official `ada_step_t2t_vit_{14,19}_lnorm` (AdaStepT2T_ViT with use_t2t True).
+
+    The decision heads, the masked and packed block computation, costs, losses and checkpoint conversion are
+    AdaViTVisionTransformer's; the embedding (Tokens-to-Token tokenizer, CLS, fixed sinusoid pos_embed buffer),
+    initialisation, LayerNorm eps 1e-5, no qkv bias and the optional qk_scale are T2TViT's (MRO: AdaViT's
+    __init__ builds the backbone through T2TViT.__init__). The official T2T variant differs from the DeiT one
+    only there: the decisions read the same block inputs (CLS of x for heads / layer, norm1(x)[:, 1:] for
+    tokens) in blocks i >= keep_layers / i >= token_start_layer, and "lnorm" is plain nn.LayerNorm (eps 1e-5)
+    for norm1, norm2, the final norm and norm_policy.
+
+    Official files (timm saver: state_dict / state_dict_ema, EMA preferred) have the T2T-ViT tokenizer keys
+    (tokens_to_token.attention{1,2}.{w, kqv, proj, norm1, norm2, mlp.0, mlp.2}.*, tokens_to_token.project.*),
+    pos_embed, and AdaViT's blocks (blocks.i.attn.{query,key,value}.weight without bias, decision heads).
+    Official FLOPs: the t2t-19 table plus ADAVIT.OFFICIAL_BASE_GFLOPS 0.33 (see adavit_costs).
+    """
+
+    def __init__(self, official_base_gflops: float = OFFICIAL_BASE_GFLOPS_OTHER, train_pos_embed: bool = False,
+                 **kwargs):
+        if train_pos_embed:  # T2T-ViT's pos_embed is a fixed sinusoid buffer (official: a frozen Parameter)
+            raise ValueError("AdaViT on T2T-ViT has a fixed sinusoid pos_embed; train_pos_embed is not supported")
+        super().__init__(official_base_gflops=official_base_gflops, train_pos_embed=False, **kwargs)
+
+    @classmethod
+    def from_config(cls, cfg) -> "AdaViTT2TViT":
+        return cls(**adavit_kwargs(cfg), **t2t_kwargs(cfg))
+
+    def _embedding_macs(self) -> int:
+        """The T2T tokenizer at the last forward's input size."""
+        return self.tokens_to_token.macs(getattr(self, "last_img_size", self.img_size))
+
+    def adapt_official_state_dict(self, sd: dict, report) -> dict:
+        """AdaViT's conversion (q/k/v joined, decision heads for fine-tuning), then T2T-ViT's (a sinusoid
+        pos_embed of another length is regenerated)."""
+        sd = AdaViTVisionTransformer.adapt_official_state_dict(self, sd, report)
+        return T2TViT.adapt_official_state_dict(self, sd, report)
+
+
+def adavit_kwargs(cfg) -> dict:
+    """AdaViT's constructor arguments from the ADAVIT node (the backbone's come from vit_kwargs / t2t_kwargs)."""
+    a = cfg.ADAVIT
+    return dict(ada_head=a.HEAD, ada_layer=a.LAYER, ada_token=a.TOKEN, token_with_mlp=a.TOKEN_WITH_MLP,
+                keep_layers=a.KEEP_LAYERS, token_start_layer=a.TOKEN_START_LAYER,
+                head_threshold=a.HEAD_THRESHOLD, layer_threshold=a.LAYER_THRESHOLD,
+                token_threshold=a.TOKEN_THRESHOLD, tau=a.TAU, token_pre_softmax=a.TOKEN_PRE_SOFTMAX,
+                token_detach_attn=a.TOKEN_DETACH_ATTN, token_detach_attn_at_mlp=a.TOKEN_DETACH_ATTN_AT_MLP,
+                head_v2=a.HEAD_V2, head_attn=a.HEAD_ATTN, norm_policy=a.NORM_POLICY,
+                train_pos_embed=a.TRAIN_POS_EMBED, usage_weights=usage_weights_from_config(a),
+                official_base_gflops=a.OFFICIAL_BASE_GFLOPS)
+
+
 def usage_weights_from_config(a) -> UsageLossWeights:
     """The ADAVIT node's loss keys (the official option names, upper case) as the official AdaLoss weights."""
     return UsageLossWeights(**{name: a[name.upper()] for name in UsageLossWeights().as_dict()})
@@ -453,13 +510,22 @@ def usage_weights_from_config(a) -> UsageLossWeights:
 def official_to_config_opts(config: dict) -> List[str]:
     """KEY VALUE overrides for the official AdaStepT2T_ViT constructor arguments (a golden file's `config`)."""
     ctor, hard = config["constructor"], config.get("hardcoded", {})
-    if ctor.get("use_t2t"):
-        raise ValueError("official AdaViT with the T2T tokenizer (use_t2t True) is not supported by vitadapt yet")
-    if ctor.get("qk_scale") is not None:
-        raise ValueError(f"official AdaViT qk_scale {ctor['qk_scale']} is not supported (vitadapt uses head_dim**-0.5)")
+    t2t = bool(ctor.get("use_t2t"))
+    if ctor.get("qk_scale") is not None and not t2t:
+        raise ValueError(f"official AdaViT qk_scale {ctor['qk_scale']} is not supported on DeiT (vitadapt uses "
+                         "head_dim**-0.5 there; T2T.QK_SCALE sets it for the T2T-ViT variants)")
     size = ctor["img_size"][0] if isinstance(ctor["img_size"], (list, tuple)) else ctor["img_size"]
-    pairs = {"MODEL.NAME": "AdaViTVisionTransformer", "MODEL.NUM_CLASSES": ctor["num_classes"],
-             "DATA.TRAIN_CROP_SIZE": size, "DATA.TEST_CROP_SIZE": size, "VIT.PATCH_SIZE": ctor["patch_size"],
+    if t2t:
+        # ada_step_t2t_vit_*_lnorm: T2T tokenizer, nn.LayerNorm (eps 1e-5). VIT.PATCH_SIZE is unused by the model
+        # (it only has to divide the crop), so the official patch_size is not passed.
+        backbone = {"MODEL.NAME": "AdaViTT2TViT", "T2T.TOKENS_TYPE": ctor.get("tokens_type", "performer"),
+                    "T2T.TOKEN_DIM": ctor.get("token_dim", 64), "T2T.QK_SCALE": float(ctor.get("qk_scale") or 0.0),
+                    "T2T.NORM_EPS": float(ctor.get("norm_eps", 1e-5))}
+    else:
+        backbone = {"MODEL.NAME": "AdaViTVisionTransformer", "VIT.PATCH_SIZE": ctor["patch_size"]}
+    default_base = OFFICIAL_BASE_GFLOPS_OTHER if t2t else OFFICIAL_BASE_GFLOPS_DEIT
+    pairs = {**backbone, "MODEL.NUM_CLASSES": ctor["num_classes"],
+             "DATA.TRAIN_CROP_SIZE": size, "DATA.TEST_CROP_SIZE": size,
              "VIT.IN_CHANS": ctor.get("in_chans", 3), "VIT.EMBED_DIM": ctor["embed_dim"], "VIT.DEPTH": ctor["depth"],
              "VIT.NUM_HEADS": ctor["num_heads"], "VIT.MLP_RATIO": float(ctor["mlp_ratio"]),
              "VIT.QKV_BIAS": bool(ctor["qkv_bias"]), "VIT.DROP_RATE": float(ctor.get("drop_rate", 0.0)),
@@ -477,7 +543,7 @@ def official_to_config_opts(config: dict) -> List[str]:
              "ADAVIT.HEAD_THRESHOLD": float(hard.get("head_threshold", 0.5)),
              "ADAVIT.LAYER_THRESHOLD": float(hard.get("layer_threshold", 0.5)),
              "ADAVIT.TOKEN_THRESHOLD": float(hard.get("token_threshold", 0.6)),
-             "ADAVIT.OFFICIAL_BASE_GFLOPS": float(config.get("flops_base", 0.06))}
+             "ADAVIT.OFFICIAL_BASE_GFLOPS": float(config.get("flops_base", default_base))}
     return [str(x) for kv in pairs.items() for x in kv]
 
 
@@ -526,14 +592,32 @@ def add_adavit_config(cfg) -> None:
     # default). See vitadapt.models.adavit_costs.UsageLossWeights.
     for name, default in UsageLossWeights().as_dict().items():
         cfg.ADAVIT[name.upper()] = float(default)
-    # Base GFLOPs the official table adds per image (patch embedding, head): 0.06 for every DeiT, 0.33 for T2T.
+    # Base GFLOPs the official table adds per image for everything outside the blocks (ada_main.py hard-codes
+    # it): 0.06 for every DeiT (DeiT-S's patch embedding), 0.33 for T2T-ViT (its Tokens-to-Token tokenizer;
+    # vitadapt.models.adavit_costs.exact_t2t_base_gflops counts 0.313 for T2T-ViT-19).
     cfg.ADAVIT.OFFICIAL_BASE_GFLOPS = 0.06
 
 
+ADAVIT_MODELS = ("AdaViTVisionTransformer", "AdaViTT2TViT")
+
+
 def validate_adavit_config(cfg) -> None:
-    if cfg.MODEL.NAME != "AdaViTVisionTransformer":
+    if cfg.MODEL.NAME not in ADAVIT_MODELS:
         return
     a, depth = cfg.ADAVIT, cfg.VIT.DEPTH
+    if cfg.MODEL.NAME == "AdaViTT2TViT":
+        # The T2T node's own checks (tokens type, token dim, qk scale, crops), which key on MODEL.NAME T2TViT.
+        t2t = cfg.clone()
+        t2t.defrost()
+        t2t.MODEL.NAME = "T2TViT"
+        validate_t2t_config(t2t)
+        if a.TRAIN_POS_EMBED:
+            raise ConfigError("ADAVIT.TRAIN_POS_EMBED: T2T-ViT's pos_embed is a fixed sinusoid table (a buffer); "
+                              "it cannot be trained with MODEL.NAME AdaViTT2TViT")
+        if a.OFFICIAL_BASE_GFLOPS == OFFICIAL_BASE_GFLOPS_DEIT:
+            logger.warning("ADAVIT.OFFICIAL_BASE_GFLOPS is %s, the official DeiT constant; the official T2T-ViT "
+                           "evaluation adds %s (configs/ImageNet/AdaViT/AdaViT_T2T_ViT_19.yaml)",
+                           OFFICIAL_BASE_GFLOPS_DEIT, OFFICIAL_BASE_GFLOPS_OTHER)
     if not 1 <= a.KEEP_LAYERS <= depth:
         raise ConfigError(f"ADAVIT.KEEP_LAYERS must be in [1, VIT.DEPTH={depth}], got {a.KEEP_LAYERS}")
     if not 0 <= a.TOKEN_START_LAYER <= depth:
@@ -551,7 +635,8 @@ def validate_adavit_config(cfg) -> None:
     if (a.HEAD_V2 or a.HEAD_ATTN) and not a.HEAD:
         raise ConfigError("ADAVIT.HEAD_V2 / ADAVIT.HEAD_ATTN change how head decisions apply, but ADAVIT.HEAD is False")
     if not (a.HEAD or a.LAYER or a.TOKEN):
-        logger.warning("ADAVIT.HEAD, LAYER and TOKEN are all False: the model is a plain DeiT")
+        logger.warning("ADAVIT.HEAD, LAYER and TOKEN are all False: the model is a plain %s",
+                       "T2T-ViT" if cfg.MODEL.NAME == "AdaViTT2TViT" else "DeiT")
 
 
 register_config("ADAVIT", add_adavit_config, validate_adavit_config)
