@@ -340,7 +340,7 @@ def test_benchmark_on_cpu_has_a_clean_stderr_and_full_config_names(image_folder,
 def test_benchmark_table_tells_apart_configs_with_the_same_tail(capsys):
     bench = h.load_tool("benchmark")
     row = {"params_m": 1.0, "gmacs_mean": 1.0, "gmacs_fvcore_first_image": 1.0,
-           "results": [{"batch": 1, "images_per_s": 1.0, "peak_mem_mib": 1.0}]}
+           "results": [{"batch": 1, "gmacs_mean": 1.0, "images_per_s": 1.0, "peak_mem_mib": 1.0}]}
     names = ["/runs/" + "x" * 50 + "/A/configs/ImageNet/EViT/EViT_DeiT_S_keep0.7.yaml",
              "/runs/" + "x" * 50 + "/B/configs/ImageNet/EViT/EViT_DeiT_S_keep0.7.yaml"]
     bench.print_table({"device": "cpu", "threads": 1, "torch": "x", "repeats": 1, "iters_per_repeat": 1,

@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from vitadapt.config import ConfigError, check_paths, load_config  # noqa: E402
 from vitadapt.datasets import build_dataset  # noqa: E402
 from vitadapt.errors import VitadaptError  # noqa: E402
+from vitadapt.engine.exits import calibrate_on_inputs  # noqa: E402
 from vitadapt.engine.output_dir import ensure_writable_file  # noqa: E402
 from vitadapt.engine.trainer import amp_dtype, select_device  # noqa: E402
 from vitadapt.models import build_model  # noqa: E402
@@ -111,6 +112,7 @@ class Subject:
         self.cfg = load_config(cfg_file, opts)
         self.device = select_device(self.cfg)
         self.dtype = amp_dtype(self.cfg, self.device)
+        torch.manual_seed(self.cfg.RNG_SEED)  # the same weights run to run (DVT: the same exits)
         self.model = build_model(self.cfg).to(self.device).eval()
         if self.cfg.TEST.CHECKPOINT_FILE_PATH:
             load_weights(self.model, self.cfg.TEST.CHECKPOINT_FILE_PATH)
@@ -124,6 +126,10 @@ class Subject:
         self.inputs = {b: largest[:b].to(self.device) for b in batch_sizes}
         if not self.cfg.TEST.CHECKPOINT_FILE_PATH and init in ("sharpened", "halting"):
             calibrate_decisions_(self.model, largest.to(self.device), usage=0.75)
+        # A multi-exit model (DVT) exits early under the thresholds of its config (exits.calibrate_on_inputs).
+        self.thresholds = (calibrate_on_inputs(self.cfg, self.model, largest.to(self.device),
+                                               self.cfg.TEST.CHECKPOINT_FILE_PATH)
+                           if getattr(self.model, "num_exits", 1) > 1 else None)
         self.results = {}
 
     @torch.inference_mode()
@@ -158,12 +164,18 @@ class Subject:
         largest = max(self.inputs)
         self.forward(largest)
         per_image = self.model.macs_per_image() / 1e9
+        exits = {}
+        if self.thresholds is not None:  # where the images of the largest batch left
+            counts = torch.bincount(self.model.last_exit.cpu(), minlength=self.model.num_exits)
+            exits = {"exit_thresholds": self.thresholds,
+                     "exit_fractions": (counts.double() / counts.sum()).tolist(),
+                     "exit_gmacs": (self.model.exit_macs() / 1e9).tolist()}
         first = self.inputs[largest][:1]
         with torch.autocast(self.device.type, enabled=False):
             fv = fvcore_macs(self.model, first.float()) / 1e9
             self.model(first.float())
             first_analytic = self.model.macs_per_image()[0].item() / 1e9
-        return {"gmacs_mean": per_image.mean().item(), "gmacs_min": per_image.min().item(),
+        return {**exits, "gmacs_mean": per_image.mean().item(), "gmacs_min": per_image.min().item(),
                 "gmacs_max": per_image.max().item(), "gmacs_first_image": first_analytic,
                 "gmacs_fvcore_first_image": fv}
 
@@ -200,7 +212,9 @@ def run(argv=None) -> dict:
                 samples[id(s)].append(images / s.timed(batch, bench.ITERS_PER_REPEAT))
         for s in subjects:
             rates = samples[id(s)]
-            s.results[batch] = {"batch": batch, "images_per_s": statistics.median(rates),
+            s.forward(batch)  # an adaptive model's cost depends on the batch's images
+            s.results[batch] = {"batch": batch, "gmacs_mean": s.model.macs_per_image().mean().item() / 1e9,
+                                "images_per_s": statistics.median(rates),
                                 "images_per_s_min": min(rates), "images_per_s_max": max(rates),
                                 "peak_mem_mib": s.memory_mib(batch)}
     for s in subjects:
@@ -209,6 +223,8 @@ def run(argv=None) -> dict:
     if len(subjects) == 2:
         a, b = subjects
         report["compare"] = {"gmacs_ratio": a.costs["gmacs_mean"] / b.costs["gmacs_mean"],
+                             "gmacs_ratio_per_batch": {str(k): a.results[k]["gmacs_mean"] / b.results[k]["gmacs_mean"]
+                                                       for k in bench.BATCH_SIZES},
                              "speedup": {str(k): b.results[k]["images_per_s"] / a.results[k]["images_per_s"]
                                          for k in bench.BATCH_SIZES}}
     print_table(report)
@@ -229,12 +245,18 @@ def print_table(report: dict) -> None:
     for m in report["models"]:
         for r in m["results"]:
             mem = f"{r['peak_mem_mib']:.1f}"
-            print(f"{m['cfg']:<{width}} {m['params_m']:>9.2f} {m['gmacs_mean']:>7.3f} "
+            print(f"{m['cfg']:<{width}} {m['params_m']:>9.2f} {r['gmacs_mean']:>7.3f} "
                   f"{m['gmacs_fvcore_first_image']:>7.3f} {r['batch']:>5} {r['images_per_s']:>9.1f} {mem:>9}")
+    for m in report["models"]:
+        if "exit_fractions" in m:
+            print(f"{m['cfg']}: exit thresholds {[round(t, 4) for t in m['exit_thresholds']]}, images per exit "
+                  f"{' / '.join(f'{f:.1%}' for f in m['exit_fractions'])}, cumulative GMACs per exit "
+                  f"{' / '.join(f'{g:.3f}' for g in m['exit_gmacs'])}")
     if "compare" in report:
         c = report["compare"]
-        speed = ", ".join(f"batch {k}: {v:.2f}x" for k, v in c["speedup"].items())
-        print(f"GMACs per image, first / second: {c['gmacs_ratio']:.2f}x; throughput, second / first: {speed}")
+        speed = ", ".join(f"batch {k}: {v:.2f}x ({v / c['gmacs_ratio_per_batch'][k]:.2f} of the GMACs ratio "
+                          f"{c['gmacs_ratio_per_batch'][k]:.2f}x)" for k, v in c["speedup"].items())
+        print(f"throughput, second / first: {speed}")
 
 
 def main(argv=None) -> int:

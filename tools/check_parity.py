@@ -2,8 +2,8 @@
 """Compares vitadapt with the official code on golden files (shared/golden).
 
 Prints, per file, one line per compared quantity (max |diff|, OK or MISMATCH), then a summary. Golden files of
-methods vitadapt has no parity check for yet (AdaViT, DVT, video backbones) are listed as "not supported yet"
-and not compared. A folder stands for every .pt file under it.
+kinds vitadapt has no parity check for yet (the video backbones) are listed as "not supported yet" and not
+compared. A folder stands for every .pt file under it.
 
 exit status: 0 every compared quantity matches (not-supported files aside); 1 a mismatch;
 2 a file that is not a readable golden file, or no file with a parity check at all.

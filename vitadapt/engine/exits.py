@@ -50,27 +50,29 @@ def exit_probabilities(model, loader, device, amp_dtype=None) -> Tuple[torch.Ten
     return torch.cat([p[1] for p in parts], dim=1)[:, order], torch.cat([p[2] for p in parts])[order]
 
 
+def official_figures(path: str) -> dict:
+    """What an official DVT release file stores besides its weights: `dynamic_threshold` [59, K] (float32 tensor)
+    and its own `flops` / `anytime_classification`; empty for other files."""
+    obj = cu.load_file(path)
+    if not isinstance(obj, dict):
+        return {}
+    found = {key: obj[key] for key in ("dynamic_threshold", "flops", "anytime_classification") if key in obj}
+    if "dynamic_threshold" in found:
+        stored = torch.as_tensor(found["dynamic_threshold"], dtype=torch.float32)
+        if stored.dim() != 2 or stored.shape[0] != OFFICIAL_BUDGET_POINTS:
+            raise ConfigError(f"{path}: dynamic_threshold has shape {tuple(stored.shape)}, expected "
+                              f"[{OFFICIAL_BUDGET_POINTS}, exits]")
+        found["dynamic_threshold"] = stored
+    for key in ("flops", "anytime_classification"):
+        if key in found:
+            logger.info("%s stores %s = %s", os.path.basename(path), key,
+                        [round(float(v), 4) for v in torch.as_tensor(found[key]).flatten().tolist()])
+    return found
+
+
 def stored_thresholds(path: str) -> Optional[torch.Tensor]:
     """The `dynamic_threshold` [59, K] an official DVT checkpoint stores, or None."""
-    obj = cu.load_file(path)
-    stored = obj.get("dynamic_threshold") if isinstance(obj, dict) else None
-    if stored is None:
-        return None
-    stored = torch.as_tensor(stored, dtype=torch.float32)
-    if stored.dim() != 2 or stored.shape[0] != OFFICIAL_BUDGET_POINTS:
-        raise ConfigError(f"{path}: dynamic_threshold has shape {tuple(stored.shape)}, expected "
-                          f"[{OFFICIAL_BUDGET_POINTS}, exits]")
-    return stored
-
-
-def log_official_figures(path: str) -> None:
-    """What an official DVT checkpoint says about itself (its per-exit GFLOPs, anytime accuracy)."""
-    obj = cu.load_file(path)
-    if isinstance(obj, dict):
-        for key in ("flops", "anytime_classification"):
-            if key in obj:
-                logger.info("%s stores %s = %s", os.path.basename(path), key,
-                            [round(float(v), 4) for v in torch.as_tensor(obj[key]).flatten().tolist()])
+    return official_figures(path).get("dynamic_threshold")
 
 
 def prepare_exits(cfg, model, device, checkpoint_path: str, amp_dtype=None) -> dict:
@@ -78,14 +80,13 @@ def prepare_exits(cfg, model, device, checkpoint_path: str, amp_dtype=None) -> d
     statistics to log with the test results (the operating point and what the curve predicts for it)."""
     d = cfg.DVT
     gflops = (model.exit_macs(cfg.DATA.TEST_CROP_SIZE) / 1e9).tolist()
-    stored = stored_thresholds(checkpoint_path) if d.THRESHOLD_SOURCE == "checkpoint" or d.CURVES else None
+    stored = official_figures(checkpoint_path).get("dynamic_threshold")
     if d.THRESHOLD_SOURCE == "checkpoint" and stored is None:
         raise ConfigError(f"DVT.THRESHOLD_SOURCE checkpoint: {checkpoint_path} stores no dynamic_threshold "
                           "(official DVT .pth.tar files do); use DVT.THRESHOLD_SOURCE search")
-    log_official_figures(checkpoint_path)
     searching = d.CURVES or d.BUDGET_GMACS > 0 or (d.BUDGET_POINT > 0 and d.THRESHOLD_SOURCE == "search")
     model.set_thresholds(None)
-    stats: dict = {"exit_gmacs": [round(g, 6) for g in gflops]}
+    stats: dict = {"exit_gmacs": gflops}
     search = None
     if searching:
         if d.THRESHOLD_SPLIT == cfg.TEST.SPLIT:
@@ -156,3 +157,31 @@ def write_curves(cfg, curves: dict) -> None:
     os.replace(path + ".tmp", path)
     plot_budget_curves(curves, os.path.join(cfg.OUTPUT_DIR, CURVES_PNG), title=f"{cfg.MODEL.NAME} on {cfg.TEST.SPLIT}")
     logger.info("budgeted-batch and anytime curves written to %s and %s", path, CURVES_PNG)
+
+
+@torch.no_grad()
+def calibrate_on_inputs(cfg, model, images: torch.Tensor, checkpoint_path: str = "") -> Optional[List[float]]:
+    """Thresholds for a benchmark: DVT.THRESHOLDS, the checkpoint's stored ones for DVT.BUDGET_POINT
+    (THRESHOLD_SOURCE checkpoint), or the budget point's thresholds searched on these very images, so that the
+    exits take the point's proportions of them whatever the weights. None (every exit runs) when none is asked."""
+    d = cfg.DVT
+    if d.THRESHOLDS:
+        thresholds = [float(t) for t in d.THRESHOLDS[: model.num_exits - 1]]
+    elif d.BUDGET_POINT and d.THRESHOLD_SOURCE == "checkpoint":
+        stored = stored_thresholds(checkpoint_path) if checkpoint_path else None
+        if stored is None:
+            raise ConfigError("DVT.THRESHOLD_SOURCE checkpoint: TEST.CHECKPOINT_FILE_PATH stores no dynamic_threshold")
+        thresholds = stored[d.BUDGET_POINT - 1, :-1].tolist()
+    elif d.BUDGET_POINT:
+        model.set_thresholds(None)
+        model.eval()
+        probs = torch.cat([torch.stack([l.float().softmax(-1) for l in (model(chunk), model.last_exit_logits)[1]], 0)
+                           for chunk in images.split(32)], dim=1)
+        thresholds = find_thresholds(probs.cpu(), exit_proportions(d.BUDGET_POINT, model.num_exits))[:-1].tolist()
+    elif d.BUDGET_GMACS > 0:
+        raise ConfigError("DVT.BUDGET_GMACS needs the threshold search of the test job (tools/run_net.py); for a "
+                          "benchmark give DVT.BUDGET_POINT or DVT.THRESHOLDS")
+    else:
+        return None
+    model.set_thresholds(thresholds)
+    return thresholds

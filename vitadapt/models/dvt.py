@@ -15,8 +15,9 @@ or T2TViT with its three token grids), and the later stages reuse the earlier on
   to the fused attention kernel).
 
 Resampling is the official nearest 2x upsampling followed by adaptive average pooling, applied as the one linear
-map it is (`resample_matrix`), so reuse costs two small matrix products instead of materialising the upsampled
-maps (for 14x14, [B x 72, 197, 20, 20] floats per stage). The official code sizes the upsampling by the target
+map it is (`resample_matrix`; on the CPU one [N+1, n+1] matrix product beats both the official ops and the
+separable row-and-column form), instead of materialising the upsampled maps (for 14x14, [B x 72, 197, 20, 20]
+floats per stage). The official code sizes the upsampling by the target
 grid (14 for 10x10, 20 for 14x14), which is twice the source grid in its geometry; here it is twice the source
 grid for any geometry (the digits demo: 4 / 6 / 8 tokens a side).
 
@@ -48,15 +49,21 @@ REUSE_HIDDEN = 128  # hidden width of feature_resuse_mlp (official, hard-coded)
 BACKBONES = ("VisionTransformer", "T2TViT")
 
 
+def resample_1d(src: int, dst: int) -> Tensor:
+    """[dst, src]: nearest upsampling of a length-src line to 2src, then adaptive average pooling to dst, as a
+    matrix, built by running those very operations on the basis vectors. Both operations are separable, so the
+    official 2-D resampling of a src x src grid is this matrix on the rows and on the columns."""
+    basis = torch.eye(src, dtype=torch.float64).reshape(src, 1, src)
+    pooled = F.adaptive_avg_pool1d(F.interpolate(basis, size=2 * src, mode="nearest"), dst)
+    return pooled.reshape(src, dst).t()
+
+
 def resample_matrix(src: int, dst: int) -> Tensor:
-    """[dst*dst + 1, src*src + 1]: nearest upsampling of a src x src grid to 2src x 2src, then adaptive average
-    pooling to dst x dst, as a matrix over flattened grids, with a leading row and column passing the CLS token.
-    Built by running those very operations on the basis images, so it is the official operator."""
-    basis = torch.eye(src * src, dtype=torch.float64).reshape(src * src, 1, src, src)
-    pooled = F.adaptive_avg_pool2d(F.interpolate(basis, size=(2 * src, 2 * src), mode="nearest"), (dst, dst))
+    """[dst*dst + 1, src*src + 1]: the official resampling (nearest 2x upsampling, adaptive average pooling to
+    dst x dst) of flattened grids as one matrix, with a leading row and column passing the CLS token."""
     full = torch.zeros(dst * dst + 1, src * src + 1, dtype=torch.float64)
     full[0, 0] = 1.0
-    full[1:, 1:] = pooled.reshape(src * src, dst * dst).t()
+    full[1:, 1:] = torch.kron(resample_1d(src, dst), resample_1d(src, dst))
     return full
 
 
@@ -99,6 +106,16 @@ def relation_reuse_conv(channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(channels, 3 * channels, 1), nn.GELU(), nn.Conv2d(3 * channels, channels, 1))
 
 
+def _pointwise(convs: nn.Sequential, x: Tensor) -> Tensor:
+    """relation_reuse_conv (1x1 conv, GELU, 1x1 conv) on x [B, C, H, W], as the matrix products over channels a 1x1
+    convolution is: several times faster than the CPU convolution kernel on these shapes, same result."""
+    first, act, second = convs
+    b, c, h, w = x.shape
+    y = torch.baddbmm(first.bias[:, None], first.weight.flatten(1).expand(b, -1, -1), x.reshape(b, c, h * w))
+    y = torch.baddbmm(second.bias[:, None], second.weight.flatten(1).expand(b, -1, -1), act(y))
+    return y.reshape(b, -1, h, w)
+
+
 @dataclass
 class StageOutput:
     """What a stage hands to the next one, for the images it ran on."""
@@ -123,6 +140,10 @@ class DVT(nn.Module):
 
     token_statistics: tuple = ()
     num_exits = len(STAGE_NAMES)
+    # Official training files (timm's saver) hold state_dict and state_dict_ema; the official training always keeps
+    # an EMA and reports and selects on its metrics, so its weights are the ones to evaluate (released files hold
+    # model_state_dict only).
+    official_files_prefer_ema = True
 
     def __init__(self, stages: Sequence[VisionTransformer], feature_reuse: bool = True, relation_reuse: bool = True,
                  thresholds: Optional[Sequence[float]] = None, img_size: int = 224):
@@ -194,17 +215,32 @@ class DVT(nn.Module):
 
     def _relation_bias(self, stage: VisionTransformer, upstream: StageOutput, side: int) -> List[Tensor]:
         """Per block [B, H, N + 1, N + 1]: the upstream logits mixed over heads x blocks, resampled to this grid."""
-        mixed = stage.relation_reuse_conv(torch.cat(upstream.relations, dim=1))  # [B, HD, n + 1, n + 1]
+        mixed = _pointwise(stage.relation_reuse_conv, torch.cat(upstream.relations, dim=1))  # [B, HD, n + 1, n + 1]
         resample = self._resampler(upstream.side, side, mixed)  # [N + 1, n + 1]
         bias = torch.matmul(resample, torch.matmul(mixed, resample.t()))  # keys, then queries
         return list(bias.chunk(len(stage.blocks), dim=1))
 
-    def _reused_features(self, block: Block, upstream: StageOutput, side: int) -> Tensor:
-        """[B, N + 1, 48]: the block's transform of the upstream features on this grid; the CLS row is zero (the
-        resampling matrix maps only patch rows, and its CLS row takes no patch)."""
-        channels = block.feature_resuse_mlp(upstream.features)[:, 1:]
-        resample = self._resampler(upstream.side, side, channels)[:, 1:]
-        return torch.matmul(resample, channels)
+    def _reused_features(self, stage: VisionTransformer, upstream: StageOutput, side: int) -> List[Tensor]:
+        """Per block [B, N + 1, 48]: that block's feature_resuse_mlp of the upstream features, resampled to this
+        grid; the CLS row is zero.
+        The blocks' small MLPs run as one batched product (their LayerNorms share the normalisation), which
+        matters on the CPU: twelve separate passes over [B, 50, C] cost more in overhead than in arithmetic."""
+        mlps = [block.feature_resuse_mlp for block in stage.blocks]
+        norm, fc1, fc2 = mlps[0][0], mlps[0][1].fc1, mlps[0][1].fc2
+        x = F.layer_norm(upstream.features, norm.normalized_shape, eps=norm.eps)  # [B, n + 1, C]
+        b, n, c = x.shape
+        gamma = torch.stack([m[0].weight for m in mlps])[:, None]  # [D, 1, C]
+        beta = torch.stack([m[0].bias for m in mlps])[:, None]
+        h = x.reshape(1, b * n, c) * gamma + beta  # [D, B(n + 1), C]: each block's LayerNorm affine
+        h = torch.baddbmm(torch.stack([m[1].fc1.bias for m in mlps])[:, None], h,
+                          torch.stack([m[1].fc1.weight for m in mlps]).transpose(1, 2))
+        h = mlps[0][1].drop1(mlps[0][1].act(h))
+        h = torch.baddbmm(torch.stack([m[1].fc2.bias for m in mlps])[:, None], h,
+                          torch.stack([m[1].fc2.weight for m in mlps]).transpose(1, 2))
+        h = mlps[0][1].drop2(h).reshape(len(mlps) * b, n, fc2.out_features)
+        # The resampling matrix's CLS row takes no patch: the reused channels of the CLS token are zero.
+        out = torch.matmul(self._resampler(upstream.side, side, h)[:, 1:], h[:, 1:])
+        return list(out.reshape(len(mlps), b, -1, fc2.out_features).unbind(0))
 
     def run_stage(self, k: int, images: Tensor, upstream: Optional[StageOutput]) -> StageOutput:
         stage = self.stages[k]
@@ -212,6 +248,7 @@ class DVT(nn.Module):
         side = math.isqrt(tokens.x.shape[1] - 1)
         reuse = upstream is not None
         biases = self._relation_bias(stage, upstream, side) if reuse and self.relation_reuse else None
+        features = self._reused_features(stage, upstream, side) if reuse and self.feature_reuse else None
         record = k + 1 < self.num_exits and self.relation_reuse
         trace: Dict[str, object] = {}
         if self.trace:
@@ -219,8 +256,8 @@ class DVT(nn.Module):
         for i, block in enumerate(stage.blocks):
             inputs = block.adapter
             inputs.bias = biases[i] if biases is not None else None
-            if reuse and self.feature_reuse:
-                inputs.features = self._reused_features(block, upstream, side)
+            if features is not None:
+                inputs.features = features[i]
                 if self.trace:
                     trace["reused_features"].append(inputs.features)
             inputs.records_attention_logits = record

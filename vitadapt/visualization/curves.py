@@ -113,7 +113,8 @@ def plot_budget_curves(curves: Dict[str, dict], path: str, title: str = "") -> N
             draw.ellipse([px - 2.5, py - 2.5, px + 2.5, py + 2.5], fill=color)
         for px, py in (to_pixel(x, y) for x, y in anytime):
             draw.rectangle([px - 5, py - 5, px + 5, py + 5], outline=color, width=2)
-    draw_legend(draw, list(series), (right - 10, bottom - 10), small)
+    plotted = [to_pixel(x, y) for budgeted, anytime in series.values() for x, y in budgeted + anytime]
+    draw_legend(draw, list(series), (left, top, right, bottom), plotted, small)
 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -131,13 +132,23 @@ def draw_vertical_text(image: Image.Image, center: Tuple[float, float], text: st
     image.paste(label, (int(center[0] - label.width / 2), int(center[1] - label.height / 2)))
 
 
-def draw_legend(draw: ImageDraw.ImageDraw, names: List[str], corner: Tuple[float, float], text_font) -> None:
-    """A boxed legend whose bottom-right corner is `corner`: one line per curve, then the anytime-exit marker."""
+def draw_legend(draw: ImageDraw.ImageDraw, names: List[str], box: Tuple[float, float, float, float],
+                points: List[Tuple[float, float]], text_font) -> None:
+    """A boxed legend, one line per curve and then the anytime-exit marker, in the corner of the plot `box`
+    (left, top, right, bottom) that covers the fewest of the plotted `points` (pixels)."""
     rows = [(name, COLORS[i % len(COLORS)]) for i, name in enumerate(names)] + [("exits (anytime)", None)]
     row_height = 20
-    width = 46 + max(text_font.getbbox(name)[2] for name, _ in rows)
-    x0, y0 = corner[0] - width, corner[1] - row_height * len(rows) - 8
-    draw.rectangle([x0, y0, corner[0], corner[1]], fill="white", outline="#999999")
+    width, height = 46 + max(text_font.getbbox(name)[2] for name, _ in rows), row_height * len(rows) + 8
+    left, top, right, bottom = box
+    corners = [(right - 10 - width, bottom - 10 - height), (right - 10 - width, top + 10),
+               (left + 10, top + 10), (left + 10, bottom - 10 - height)]
+
+    def covered(corner: Tuple[float, float]) -> int:
+        return sum(corner[0] - 6 <= x <= corner[0] + width + 6 and corner[1] - 6 <= y <= corner[1] + height + 6
+                   for x, y in points)
+
+    x0, y0 = min(corners, key=covered)  # the first corner (bottom right) wins ties
+    draw.rectangle([x0, y0, x0 + width, y0 + height], fill="white", outline="#999999")
     for i, (name, color) in enumerate(rows):
         y = y0 + 4 + row_height * i + row_height / 2
         if color is None:
