@@ -651,3 +651,31 @@ def test_subset_of_the_train_split_is_seeded_and_uses_the_test_transform(image_f
     assert other_idx != {m[0] for m in matches}
     everything, _ = _images_of(construct_loader(cfg, "train", is_train=False, subset=(100, 0)))
     assert torch.equal(everything, full)
+
+
+# ==============================================================================================================
+# 9. tools/visualize.py: the way of each image through the cascade
+# ==============================================================================================================
+
+def test_visualize_draws_each_image_through_the_cascade_with_the_files_thresholds(released_run, image_folder,
+                                                                               tmp_path, caplog):
+    """The pictures follow the stored thresholds of the released file (loaded through the path every tool uses):
+    one picture per image, the exit named in the log equal to the simulated one."""
+    import logging
+
+    vis = h.load_tool("visualize")
+    out = tmp_path / "vis"
+    args = _dvt_opts(image_folder, out, TRAIN__ENABLE=False, TEST__CHECKPOINT_FILE_PATH=str(released_run["path"]),
+                     DVT__BUDGET_POINT=10, DVT__THRESHOLD_SOURCE="checkpoint")
+    with caplog.at_level(logging.INFO):
+        assert vis.main(args + ["--num-images", "7"]) == 0
+    pictures = sorted((out / "visualization").glob("image_*.png"))
+    assert len(pictures) == 7
+    exits = [int(r.getMessage().split("leaves at exit ")[1].split()[0]) - 1
+             for r in caplog.records if "leaves at exit" in r.getMessage()]
+    assert exits == released_run["expected"].tolist()
+    with caplog.at_level(logging.INFO):
+        caplog.clear()
+        assert vis.main(_dvt_opts(image_folder, out, TRAIN__ENABLE=False,
+                                  TEST__CHECKPOINT_FILE_PATH=str(released_run["path"])) + ["--num-images", "2"]) == 0
+    assert sum("every exit run (no thresholds)" in r.getMessage() for r in caplog.records) == 2

@@ -12,6 +12,9 @@ greyed out and hatched (tinted blue where they were fused into one token, EViT),
 Token-halting models (A-ViT) get the official demo's three pictures instead: image_XXXX_input.png, the
 per-token depth map image_XXXX_depth.png ('hot' colours, white = full depth) and image_XXXX.png with input,
 depth map and their blend side by side; both maps carry a colour bar labelled with the depth in blocks.
+DVT models get one picture per image: the input, then every exit with its token grid drawn in yellow, titled with
+its confidence and prediction and whether the image leaves there (under DVT.THRESHOLDS, or the stored thresholds
+of DVT.BUDGET_POINT with DVT.THRESHOLD_SOURCE checkpoint); the exits it never reaches are faded and hatched.
 AdaViT models get one picture per image with the input and every block (7 panels a row): the patch tokens that took
 part in the block (the others greyed out and hatched), a title with the tokens, heads kept and attention / MLP branch
 on or off, a strip of marks under it (one square per head, one for each branch: ran, dropped / off, or ran without a
@@ -54,6 +57,7 @@ PAD = 4  # white space around and between panels
 SWATCH = 14  # legend swatches and colour bar width, in pixels
 DROPPED = (0.5, 0.5, 0.5)  # dropped patches fade to grey...
 FUSED = (0.25, 0.35, 0.75)  # ...or to blue where they live on in EViT's fused token
+GRID = (1.0, 0.85, 0.1)  # DVT: the borders of an exit's tokens
 
 
 def font(size: int = 13):
@@ -429,6 +433,68 @@ def save_adavit_picture(path: str, rgb: torch.Tensor, uses, grid, patch: int, nu
 
 
 @torch.no_grad()
+def token_grid(image: torch.Tensor, side: int) -> torch.Tensor:
+    """`image` with the borders of a side x side token grid drawn in yellow (a DVT exit's tokens)."""
+    out = image.clone()
+    h, w = image.shape[-2:]
+    for k in range(side + 1):
+        y, x = min(round(k * h / side), h - 1), min(round(k * w / side), w - 1)
+        out[:, y, :] = torch.tensor(GRID)[:, None]
+        out[:, :, x] = torch.tensor(GRID)[:, None]
+    return out
+
+
+def dvt_layout(image: torch.Tensor, sides, probs: torch.Tensor, exit_at: Optional[int]):
+    """(panels, titles) of one image through the DVT cascade: per exit, the image with that exit's token grid, its
+    confidence and prediction; exits after the one the image leaves at (never run) are faded and hatched."""
+    panels, titles = [], []
+    for k, (side, p) in enumerate(zip(sides, probs)):
+        panel = token_grid(image, side)
+        confidence, label = p.max(dim=0)
+        state = ("no thresholds: every exit runs" if exit_at is None else "answers here" if k == exit_at
+                 else "not run" if k > exit_at else "not confident, goes on")
+        if exit_at is not None and k > exit_at:
+            panel = fade(panel, torch.ones(panel.shape[-2:], dtype=torch.bool), DROPPED)
+        panels.append(panel)
+        run = exit_at is None or k <= exit_at
+        titles.append([f"exit {k + 1}: {side}x{side} tokens",
+                       f"p={confidence:.3f}, class {int(label)}" + ("" if run else " if run"), state])
+    return panels, titles
+
+
+def save_dvt_pictures(cfg, model, images, out_dir: str, mean, std, checkpoint: str) -> None:
+    """One picture per image: its way through the cascade (dvt_layout), under DVT.THRESHOLDS, or the thresholds an
+    official checkpoint stores for DVT.BUDGET_POINT (DVT.THRESHOLD_SOURCE checkpoint); other budget points need
+    the test job's threshold search, so the picture then shows every exit without choosing."""
+    from vitadapt.engine.exits import stored_thresholds
+    from vitadapt.models.dvt import _stage_side
+
+    d = cfg.DVT
+    thresholds = None
+    if d.THRESHOLDS:
+        thresholds = torch.tensor(d.THRESHOLDS[: model.num_exits - 1])
+    elif d.BUDGET_POINT and d.THRESHOLD_SOURCE == "checkpoint" and checkpoint:
+        stored = stored_thresholds(checkpoint)
+        thresholds = None if stored is None else stored[d.BUDGET_POINT - 1, :-1]
+    model.set_thresholds(None)
+    with torch.no_grad():
+        model(images)
+    probs = torch.stack([logits.softmax(dim=-1) for logits in model.last_exit_logits], dim=1)  # [B, K, C]
+    sides = [_stage_side(stage, images.shape[-1]) for stage in model.stages]
+    for i, image in enumerate(images):
+        rgb = (image * std + mean).clamp(0, 1)
+        exit_at = None
+        if thresholds is not None:
+            confident = [bool(probs[i, k].max() >= thresholds[k]) for k in range(len(thresholds))] + [True]
+            exit_at = confident.index(True)
+        scale = max(1, PANEL_SIZE // rgb.shape[-1])
+        panels, titles = dvt_layout(enlarge(rgb, scale), sides, probs[i], exit_at)
+        path = os.path.join(out_dir, f"image_{i:04d}.png")
+        compose([enlarge(rgb, scale)] + panels, [["input", "", ""]] + titles).save(path)
+        logger.info("%s: %s", path, "every exit run (no thresholds)" if exit_at is None else
+                    f"leaves at exit {exit_at + 1} ({sides[exit_at]}x{sides[exit_at]} tokens)")
+
+
 def pick_most_varied(model, images: torch.Tensor, count: int) -> torch.Tensor:
     """The `count` images whose per-token depths have the largest standard deviation (A-ViT --demo)."""
     with torch.no_grad():
@@ -523,6 +589,12 @@ def main(argv=None) -> int:
             images = images[:wanted]
         if len(images) > args.num_images:
             images = pick_most_varied(model, images, args.num_images)
+        if getattr(model, "num_exits", 1) > 1:  # DVT: the cascade, exit by exit
+            out_dir = os.path.join(cfg.OUTPUT_DIR, "visualization")
+            ensure_writable_dir(out_dir, "the picture folder OUTPUT_DIR/visualization")
+            mean, std = torch.tensor(cfg.DATA.MEAN)[:, None, None], torch.tensor(cfg.DATA.STD)[:, None, None]
+            save_dvt_pictures(cfg, model, images, out_dir, mean, std, checkpoint if args.init == "checkpoint" else "")
+            return 0
         model.trace_token_ids = True
         with torch.no_grad():
             model(images)
