@@ -226,7 +226,7 @@ class DVT(nn.Module):
         The blocks' small MLPs run as one batched product (their LayerNorms share the normalisation), which
         matters on the CPU: twelve separate passes over [B, 50, C] cost more in overhead than in arithmetic."""
         mlps = [block.feature_resuse_mlp for block in stage.blocks]
-        norm, fc1, fc2 = mlps[0][0], mlps[0][1].fc1, mlps[0][1].fc2
+        norm, fc2 = mlps[0][0], mlps[0][1].fc2
         x = F.layer_norm(upstream.features, norm.normalized_shape, eps=norm.eps)  # [B, n + 1, C]
         b, n, c = x.shape
         gamma = torch.stack([m[0].weight for m in mlps])[:, None]  # [D, 1, C]
