@@ -24,7 +24,8 @@ from vitadapt.errors import VitadaptError
 
 from .defaults import DECLARED_TYPES, get_defaults
 
-__all__ = ["CfgNode", "ConfigError", "config_differences", "RESUMABLE_CHANGES", "get_cfg", "load_config", "register_config", "validate",
+__all__ = ["CfgNode", "ConfigError", "config_differences", "RESUMABLE_CHANGES", "get_cfg", "load_config", "register_config",
+           "register_validator", "validate",
            "check_paths", "parse_args", "world_size", "num_workers"]
 
 logger = logging.getLogger(__name__)
@@ -46,13 +47,20 @@ def register_config(name: str, add_node: Callable[[CfgNode], None],
     `types`: the declarations defaults.DECLARED_TYPES describes, for the node's empty-list and optional keys."""
     _NODE_BUILDERS[name] = add_node
     _DECLARED_TYPES.update(types or {})
-    if validator is not None and validator not in _VALIDATORS:
+    if validator is not None:
+        register_validator(validator)
+
+
+def register_validator(validator: Callable[[CfgNode], None]) -> None:
+    """Checks run on every config, for keys a module uses but defaults.py holds (e.g. the video DATA keys)."""
+    if validator not in _VALIDATORS:
         _VALIDATORS.append(validator)
 
 
 def get_cfg() -> CfgNode:
     """A fresh copy of every default, method nodes included."""
-    # Importing the models registers their config nodes.
+    # Importing the models and data sets registers their config nodes and checks.
+    import vitadapt.datasets  # noqa: F401
     import vitadapt.models  # noqa: F401
 
     cfg = get_defaults().clone()

@@ -89,6 +89,10 @@ _C.TEST.CHECKPOINT_FILE_PATH = ""
 _C.TEST.SPLIT = "val"
 # Save predictions and labels (a torch file) to OUTPUT_DIR/SAVE_RESULTS_PATH; empty saves nothing.
 _C.TEST.SAVE_RESULTS_PATH = ""
+# Video test: temporal clips per video, and spatial crops (1: centre, 3: left/centre/right) per clip; the
+# NUM_ENSEMBLE_VIEWS * NUM_SPATIAL_CROPS views of a video are ensembled.
+_C.TEST.NUM_ENSEMBLE_VIEWS = 10
+_C.TEST.NUM_SPATIAL_CROPS = 3
 
 # ---------------------------------------------------------------- data
 _C.DATA = CfgNode()
@@ -101,6 +105,21 @@ _C.DATA.IN_VAL_CROP_RATIO = 0.875
 _C.DATA.MEAN = [0.485, 0.456, 0.406]
 _C.DATA.STD = [0.229, 0.224, 0.225]
 _C.DATA.INTERPOLATION = "bicubic"
+# ---- video (Kinetics; PySlowFast / TimeSformer names and defaults)
+# Frames per clip, and their spacing in frames at TARGET_FPS (a clip spans NUM_FRAMES * SAMPLING_RATE / TARGET_FPS s).
+_C.DATA.NUM_FRAMES = 8
+_C.DATA.SAMPLING_RATE = 8
+# Frame rate SAMPLING_RATE is counted in; a video at another rate is sampled over the same duration.
+_C.DATA.TARGET_FPS = 30
+# Joined in front of each path of {train,val,test}.csv; empty: relative paths are relative to PATH_TO_DATA_DIR.
+_C.DATA.PATH_PREFIX = ""
+# Between the path and the integer label on each line of {train,val,test}.csv.
+_C.DATA.PATH_LABEL_SEPARATOR = " "
+# Train (and, as PySlowFast does, val) clips: short side scaled to a random size in [min, max] before the crop;
+# the min is also the test short side with TEST.NUM_SPATIAL_CROPS 1.
+_C.DATA.TRAIN_JITTER_SCALES = [256, 320]
+# Video decoder; only "pyav" (torchvision's video reader no longer exists in torchvision 0.29).
+_C.DATA.DECODING_BACKEND = "pyav"
 
 # ---------------------------------------------------------------- train-time augmentation (timm)
 _C.AUG = CfgNode()

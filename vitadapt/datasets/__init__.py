@@ -1,4 +1,4 @@
-from . import digits, imagenet  # noqa: F401  (register the data sets)
+from . import digits, imagenet, kinetics  # noqa: F401  (register the data sets)
 from .build import DATASET_REGISTRY, build_dataset, register_dataset
 from .imagenet import DataError
 from .loader import construct_loader
