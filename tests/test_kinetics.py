@@ -1,27 +1,23 @@
 """vitadapt.datasets.kinetics: the Kinetics-format video data set (list files, views, failures, loader)."""
 
-import importlib.util
 import logging
 import os
 import shutil
 
 import numpy as np
 import pytest
+
+from helpers_e2e import load_tool as load_tool_module
 import torch
 
 from vitadapt.config import ConfigError, load_config
 from vitadapt.datasets import DataError, build_dataset, construct_loader
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FPS = 8
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("make_video_demo_data",
-                                                  os.path.join(ROOT, "tools", "make_video_demo_data.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool_module("make_video_demo_data")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """tools/make_video_demo_data.py: the synthetic Kinetics-format video set (layout, decoding, determinism, and a
 label that only the motion carries)."""
 
-import importlib.util
 import json
 import os
 
@@ -9,16 +8,13 @@ import av
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers_e2e import load_tool as load_tool_module
+
 FRAMES, SIZE, CLASSES, TRAIN, VAL = 8, 32, 6, 3, 2
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("make_video_demo_data",
-                                                  os.path.join(ROOT, "tools", "make_video_demo_data.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool_module("make_video_demo_data")
 
 
 tool = load_tool()
