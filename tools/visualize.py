@@ -466,21 +466,19 @@ def save_dvt_pictures(cfg, model, images, out_dir: str, mean, std, checkpoint: s
     """One picture per image: its way through the cascade (dvt_layout), under DVT.THRESHOLDS, or the thresholds an
     official checkpoint stores for DVT.BUDGET_POINT (DVT.THRESHOLD_SOURCE checkpoint); other budget points need
     the test job's threshold search, so the picture then shows every exit without choosing."""
-    from vitadapt.engine.exits import stored_thresholds
-    from vitadapt.models.dvt import _stage_side
+    from vitadapt.engine.exits import choose_thresholds, stored_thresholds
+    from vitadapt.models.dvt import stage_side
 
-    d = cfg.DVT
-    thresholds = None
-    if d.THRESHOLDS:
-        thresholds = torch.tensor(d.THRESHOLDS[: model.num_exits - 1])
-    elif d.BUDGET_POINT and d.THRESHOLD_SOURCE == "checkpoint" and checkpoint:
-        stored = stored_thresholds(checkpoint)
-        thresholds = None if stored is None else stored[d.BUDGET_POINT - 1, :-1]
+    stored = stored_thresholds(checkpoint) if checkpoint else None
+    if stored is None and cfg.DVT.THRESHOLD_SOURCE == "checkpoint":
+        cfg = cfg.clone()
+        cfg.DVT.BUDGET_POINT = 0  # no stored thresholds: every exit, without choosing
+    thresholds = choose_thresholds(cfg, None, stored, [0.0] * model.num_exits)  # no search here
     model.set_thresholds(None)
     with torch.no_grad():
         model(images)
     probs = torch.stack([logits.softmax(dim=-1) for logits in model.last_exit_logits], dim=1)  # [B, K, C]
-    sides = [_stage_side(stage, images.shape[-1]) for stage in model.stages]
+    sides = [stage_side(stage, images.shape[-1]) for stage in model.stages]
     for i, image in enumerate(images):
         rgb = (image * std + mean).clamp(0, 1)
         exit_at = None

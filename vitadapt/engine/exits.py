@@ -21,7 +21,7 @@ from vitadapt.datasets import construct_loader
 from vitadapt.utils import checkpoint as cu
 from vitadapt.utils import distributed as du
 
-from .budgeted import (OFFICIAL_BUDGET_POINTS, budget_curve, budgeted_evaluate, exit_proportions,
+from .budgeted import (ALWAYS, OFFICIAL_BUDGET_POINTS, budget_curve, budgeted_evaluate, exit_proportions,
                        find_thresholds)
 from .evaluate import to_device
 
@@ -115,7 +115,7 @@ def prepare_exits(cfg, model, device, checkpoint_path: str, amp_dtype=None) -> d
         model.set_thresholds(thresholds)
         stats["thresholds"] = [round(t, 6) for t in thresholds]
         if search is not None:
-            acc, cost = budgeted_evaluate(search[0], search[1], gflops, torch.tensor(thresholds + [-1e8]))
+            acc, cost = budgeted_evaluate(search[0], search[1], gflops, torch.tensor(thresholds + [ALWAYS]))
             stats.update(search_top1_acc=acc, search_expected_gmacs=cost)
         logger.info("early exit with thresholds %s", [round(t, 4) for t in thresholds])
     else:
@@ -125,26 +125,26 @@ def prepare_exits(cfg, model, device, checkpoint_path: str, amp_dtype=None) -> d
 
 
 def choose_thresholds(cfg, search, stored, gflops) -> Optional[List[float]]:
-    """The operating point: DVT.THRESHOLDS, a budget point's thresholds, or the most accurate budget point (on the
-    search set) within DVT.BUDGET_GMACS; None when none is asked for."""
+    """The operating point: DVT.THRESHOLDS, a budget point's thresholds (stored in the checkpoint, or searched on
+    `search` = (probs [K, n, C], labels [n])), or the most accurate budget point (on the search set) within
+    DVT.BUDGET_GMACS; None when none is asked for, or when the point needs a search and `search` is None."""
     d = cfg.DVT
     if d.THRESHOLDS:
         return [float(t) for t in d.THRESHOLDS[: len(gflops) - 1]]
+    if d.BUDGET_POINT > 0 and d.THRESHOLD_SOURCE == "checkpoint":
+        return stored[d.BUDGET_POINT - 1, :-1].tolist()
+    if search is None:
+        return None
     if d.BUDGET_POINT > 0:
-        if d.THRESHOLD_SOURCE == "checkpoint":
-            return stored[d.BUDGET_POINT - 1, :-1].tolist()
         return find_thresholds(search[0], exit_proportions(d.BUDGET_POINT, len(gflops)))[:-1].tolist()
     if d.BUDGET_GMACS > 0:
-        best = None
-        for point in range(1, OFFICIAL_BUDGET_POINTS + 1):
-            thresholds = find_thresholds(search[0], exit_proportions(point, len(gflops)))
-            acc, cost = budgeted_evaluate(search[0], search[1], gflops, thresholds)
-            if cost <= d.BUDGET_GMACS and (best is None or acc > best[0]):
-                best = (acc, thresholds[:-1].tolist())
-        if best is None:
+        curve = budget_curve(search[0], search[0], search[1], gflops)  # every point at once, scored on the search set
+        within = [i for i, cost in enumerate(curve["expected_gflops"]) if cost <= d.BUDGET_GMACS]
+        if not within:
             raise ConfigError(f"DVT.BUDGET_GMACS {d.BUDGET_GMACS}: no budget point is that cheap on the search set "
                               f"(exit 1 alone costs {gflops[0]:.4f} GMACs per image)")
-        return best[1]
+        best = max(within, key=lambda i: curve["top1_acc"][i])  # the first (cheapest order) of equal accuracies
+        return curve["thresholds"][best][:-1]
     return None
 
 
@@ -161,27 +161,27 @@ def write_curves(cfg, curves: dict) -> None:
 
 @torch.no_grad()
 def calibrate_on_inputs(cfg, model, images: torch.Tensor, checkpoint_path: str = "") -> Optional[List[float]]:
-    """Thresholds for a benchmark: DVT.THRESHOLDS, the checkpoint's stored ones for DVT.BUDGET_POINT
-    (THRESHOLD_SOURCE checkpoint), or the budget point's thresholds searched on these very images, so that the
-    exits take the point's proportions of them whatever the weights. None (every exit runs) when none is asked."""
+    """Thresholds for a benchmark, set on the model (choose_thresholds), a budget point's searched on these very
+    images, so that the exits take the point's proportions of them whatever the weights. None (every exit runs)
+    when none is asked for."""
     d = cfg.DVT
-    if d.THRESHOLDS:
-        thresholds = [float(t) for t in d.THRESHOLDS[: model.num_exits - 1]]
-    elif d.BUDGET_POINT and d.THRESHOLD_SOURCE == "checkpoint":
+    if d.BUDGET_GMACS > 0:
+        raise ConfigError("DVT.BUDGET_GMACS needs the threshold search of the test job (tools/run_net.py); for a "
+                          "benchmark give DVT.BUDGET_POINT or DVT.THRESHOLDS")
+    stored = None
+    if d.BUDGET_POINT and d.THRESHOLD_SOURCE == "checkpoint":
         stored = stored_thresholds(checkpoint_path) if checkpoint_path else None
         if stored is None:
             raise ConfigError("DVT.THRESHOLD_SOURCE checkpoint: TEST.CHECKPOINT_FILE_PATH stores no dynamic_threshold")
-        thresholds = stored[d.BUDGET_POINT - 1, :-1].tolist()
-    elif d.BUDGET_POINT:
+    search = None
+    if d.BUDGET_POINT and d.THRESHOLD_SOURCE == "search":
         model.set_thresholds(None)
         model.eval()
-        probs = torch.cat([torch.stack([l.float().softmax(-1) for l in (model(chunk), model.last_exit_logits)[1]], 0)
-                           for chunk in images.split(32)], dim=1)
-        thresholds = find_thresholds(probs.cpu(), exit_proportions(d.BUDGET_POINT, model.num_exits))[:-1].tolist()
-    elif d.BUDGET_GMACS > 0:
-        raise ConfigError("DVT.BUDGET_GMACS needs the threshold search of the test job (tools/run_net.py); for a "
-                          "benchmark give DVT.BUDGET_POINT or DVT.THRESHOLDS")
-    else:
-        return None
+        parts = []
+        for chunk in images.split(32):
+            model(chunk)
+            parts.append(torch.stack([logits.float().softmax(-1) for logits in model.last_exit_logits]).cpu())
+        search = (torch.cat(parts, dim=1), None)
+    thresholds = choose_thresholds(cfg, search, stored, (model.exit_macs() / 1e9).tolist())
     model.set_thresholds(thresholds)
     return thresholds

@@ -323,7 +323,7 @@ class DVT(nn.Module):
         if size not in self._exit_macs:
             per_stage, upstream = [], None
             for k, stage in enumerate(self.stages):
-                side = _stage_side(stage, size)
+                side = stage_side(stage, size)
                 per_stage.append(_stage_macs(stage, side, upstream, k > 0 and self.feature_reuse,
                                              k > 0 and self.relation_reuse, size))
                 upstream = side
@@ -338,7 +338,7 @@ class DVT(nn.Module):
         return {"exit": self.last_exit.double() + 1}  # 1-based, as the paper names the exits
 
 
-def _stage_side(stage: VisionTransformer, size: int) -> int:
+def stage_side(stage: VisionTransformer, size: int) -> int:
     if isinstance(stage, T2TViT):
         return stage.tokens_to_token.grid_sizes(size)[-1]
     proj = stage.patch_embed.proj
