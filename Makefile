@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test clean
+.PHONY: venv demo video-demo test clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,13 @@ venv: $(VENV)/.installed
 demo: venv
 	$(PY) tools/run_net.py --cfg configs/demo/DeiT_Ti_digits.yaml
 
+# The video path end to end: renders the synthetic motion videos, trains and tests a tiny XViT on them.
+video-demo: venv
+	$(PY) tools/make_video_demo_data.py --out demo_videos --overwrite
+	$(PY) tools/run_net.py --cfg configs/demo/XViT_motion.yaml
+
 test: venv
 	$(PY) -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) runs demo_videos *.egg-info

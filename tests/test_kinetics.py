@@ -127,14 +127,29 @@ def test_missing_video_is_skipped(demo, tmp_path, caplog):
     assert any(missing in r.getMessage() for r in caplog.records)
 
 
-def test_short_video_kept_with_one_warning(demo, caplog):
-    # 8 frames at 8 fps; a clip of 4 x 8 at TARGET_FPS 8 spans 32 frames: clamped, kept, warned once.
-    ds = build_dataset("kinetics", config(demo, "DATA.SAMPLING_RATE", "8"), "train")
+def test_short_video_clamped_with_one_warning(demo, caplog):
+    # 8 frames at 8 fps; a clip of 4 x 8 at TARGET_FPS 8 spans 32 frames: with "clamp", kept and warned once.
+    ds = build_dataset("kinetics", config(demo, "DATA.SAMPLING_RATE", "8", "DATA.SHORT_VIDEO", "clamp"), "train")
     with caplog.at_level(logging.WARNING, logger="vitadapt.datasets.kinetics"):
         assert ds[0][0].shape == (3, 4, 32, 32)
         ds[0]
-    short = [r for r in caplog.records if "shorter than the clip" in r.getMessage()]
+    short = [r for r in caplog.records if "shorter than a clip" in r.getMessage()]
     assert len(short) == 1 and ds.videos[0][0] in short[0].getMessage()
+
+
+def test_short_video_skipped_and_counted_by_default(demo, caplog):
+    cfg = config(demo, "DATA.SAMPLING_RATE", "8")
+    ds = build_dataset("kinetics", cfg, "train")
+    with caplog.at_level(logging.WARNING, logger="vitadapt.datasets.kinetics"):
+        assert ds[0] is None
+        batches = list(construct_loader(cfg, "train"))
+    assert any(ds.videos[0][0] in r.getMessage() and "skipping" in r.getMessage() for r in caplog.records)
+    assert sum(b["skipped"] for b in batches) == len(ds)  # every demo video is 8 frames: all skipped, all counted
+
+
+def test_short_video_key_is_checked(demo):
+    with pytest.raises(ConfigError, match="DATA.SHORT_VIDEO"):
+        config(demo, "DATA.SHORT_VIDEO", "pad")
 
 
 @pytest.mark.parametrize("line, problem", [

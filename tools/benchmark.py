@@ -3,13 +3,13 @@
 
     python tools/benchmark.py --cfg A.yaml [--compare B.yaml] [--data] [--out FILE.json] [KEY VALUE ...]
 
-For every batch size in BENCHMARK.BATCH_SIZES: images/s (median over BENCHMARK.NUM_REPEATS timed repeats
-of BENCHMARK.ITERS_PER_REPEAT forward passes, after BENCHMARK.WARMUP_ITERS warm-up passes; the models are
-interleaved repeat by repeat so that both see the same machine load), and the peak memory one forward
-pass adds. Per model: parameters, GMACs per image counted analytically from the tokens each image kept
-(mean over the inputs) and by fvcore on the first image. KEY VALUE overrides apply to both configs.
-Weights come from TEST.CHECKPOINT_FILE_PATH when set; inputs are random unless --data takes them from
-the config's TEST.SPLIT.
+For every batch size in BENCHMARK.BATCH_SIZES: images/s, or clips/s for a video model (median over
+BENCHMARK.NUM_REPEATS timed repeats of BENCHMARK.ITERS_PER_REPEAT forward passes, after BENCHMARK.WARMUP_ITERS
+warm-up passes; the models are interleaved repeat by repeat so that both see the same machine load), and the
+peak memory one forward pass adds. Per model: parameters, GMACs per image (per clip: one test view) counted
+analytically from the tokens each image kept (mean over the inputs) and by fvcore on the first image. KEY VALUE
+overrides apply to both configs. Weights come from TEST.CHECKPOINT_FILE_PATH when set; inputs are random unless
+--data takes them from the config's TEST.SPLIT.
 """
 
 import argparse
@@ -37,7 +37,7 @@ from vitadapt.errors import VitadaptError  # noqa: E402
 from vitadapt.engine.exits import calibrate_on_inputs  # noqa: E402
 from vitadapt.engine.output_dir import ensure_writable_file  # noqa: E402
 from vitadapt.engine.trainer import amp_dtype, select_device  # noqa: E402
-from vitadapt.models import build_model  # noqa: E402
+from vitadapt.models import build_model, input_shape  # noqa: E402
 from vitadapt.models.flops import fvcore_macs  # noqa: E402
 from vitadapt.models.synthetic import add_halting_drift_, calibrate_decisions_, sharpen_  # noqa: E402
 from vitadapt.utils.checkpoint import load_weights  # noqa: E402
@@ -89,9 +89,9 @@ def check_files(cfg, use_data: bool) -> None:
 
 
 def make_inputs(cfg, batch: int, use_data: bool) -> torch.Tensor:
-    size = cfg.DATA.TEST_CROP_SIZE
+    """A batch of images [B, C, H, W], or of clips [B, C, T, H, W] (one test view each) for a video model."""
     if not use_data:
-        return torch.randn(batch, cfg.VIT.IN_CHANS, size, size, generator=torch.Generator().manual_seed(0))
+        return torch.randn(input_shape(cfg, batch), generator=torch.Generator().manual_seed(0))
     dataset = build_dataset(cfg.TEST.DATASET, cfg, cfg.TEST.SPLIT)
     # The first decodable images (an undecodable one is skipped with the data set's warning, up to 20), repeated
     # to fill the batch when the split is smaller: every batch size runs the number of images it says.
@@ -219,6 +219,7 @@ def run(argv=None) -> dict:
                                 "peak_mem_mib": s.memory_mib(batch)}
     for s in subjects:
         report["models"].append({"cfg": s.name, "model": s.cfg.MODEL.NAME, "params_m": s.params / 1e6,
+                                 "input": "clip" if len(input_shape(s.cfg)) == 5 else "image",
                                  **s.costs, "results": list(s.results.values())})
     if len(subjects) == 2:
         a, b = subjects
@@ -241,7 +242,8 @@ def print_table(report: dict) -> None:
     print(f"device {report['device']}, {report['threads']} threads, torch {report['torch']}, "
           f"median of {report['repeats']} x {report['iters_per_repeat']} iterations after {report['warmup_iters']} warm-up")
     width = max(len("config"), *(len(m["cfg"]) for m in report["models"]))  # full names: two may share a tail
-    print(f"{'config':<{width}} {'params(M)':>9} {'GMACs':>7} {'fvcore':>7} {'batch':>5} {'img/s':>9} {'peak MiB':>9}")
+    rate = "clips/s" if report["models"][0].get("input") == "clip" else "img/s"
+    print(f"{'config':<{width}} {'params(M)':>9} {'GMACs':>7} {'fvcore':>7} {'batch':>5} {rate:>9} {'peak MiB':>9}")
     for m in report["models"]:
         for r in m["results"]:
             mem = f"{r['peak_mem_mib']:.1f}"

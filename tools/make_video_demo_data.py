@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A small synthetic video data set in Kinetics format, so the video path runs with no download.
 
-    python tools/make_video_demo_data.py --out DIR [--classes 4] [--per-class-train 40] [--per-class-val 10]
+    python tools/make_video_demo_data.py --out DIR [--classes 4] [--per-class-train 100] [--per-class-val 25]
         [--frames 16] [--size 32] [--fps 8] [--seed 0] [--overwrite]
 
 Every clip shows one bright shape (disk, square, diamond, ring or cross, random size and colour) on a dark
@@ -99,7 +99,7 @@ def write_video(path: str, clip: np.ndarray, fps: int, codec: str) -> None:
         container.mux(stream.encode())  # flush
 
 
-def make_dataset(out: str, classes: int = 4, per_class_train: int = 40, per_class_val: int = 10, frames: int = 16,
+def make_dataset(out: str, classes: int = 4, per_class_train: int = 100, per_class_val: int = 25, frames: int = 16,
                  size: int = 32, fps: int = 8, seed: int = 0) -> dict:
     """Write the data set into `out` (which must exist and be empty); return {split: videos written, ...}."""
     codec = pick_codec()
@@ -126,8 +126,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="folder to write (DATA.PATH_PREFIX and DATA.PATH_TO_DATA_DIR)")
     parser.add_argument("--classes", type=int, default=4, help=f"2..{len(CLASS_NAMES)}: {', '.join(CLASS_NAMES)}")
-    parser.add_argument("--per-class-train", type=int, default=40, help="train videos per class")
-    parser.add_argument("--per-class-val", type=int, default=10, help="val videos per class (test.csv = val.csv)")
+    parser.add_argument("--per-class-train", type=int, default=100, help="train videos per class")
+    parser.add_argument("--per-class-val", type=int, default=25, help="val videos per class (test.csv = val.csv)")
     parser.add_argument("--frames", type=int, default=16, help="frames per video")
     parser.add_argument("--size", type=int, default=32, help="width = height in pixels, even (yuv420p)")
     parser.add_argument("--fps", type=int, default=8, help="frame rate written into the videos")

@@ -54,6 +54,9 @@ _C.VIT.HEAD_DROP_RATE = 0.0
 # How per-image token selections run: "packed" (per-token layers only on the kept tokens; attention per image)
 # or "masked" (dense tensors, dropped tokens masked as keys and frozen). Both give the same results.
 _C.VIT.TOKEN_EXECUTION = "packed"
+# Attention kernel: True: torch's fused scaled_dot_product_attention; False: softmax(Q K^T * scale) V computed
+# explicitly, the order of operations of the official code (closer to it in float32, slower).
+_C.VIT.FUSED_ATTENTION = True
 
 # ---------------------------------------------------------------- training
 _C.TRAIN = CfgNode()
@@ -93,6 +96,9 @@ _C.TEST.SAVE_RESULTS_PATH = ""
 # NUM_ENSEMBLE_VIEWS * NUM_SPATIAL_CROPS views of a video are ensembled.
 _C.TEST.NUM_ENSEMBLE_VIEWS = 10
 _C.TEST.NUM_SPATIAL_CROPS = 3
+# What the views of a video are ensembled on: "logits" (official: the raw outputs) or "softmax" (per-view
+# probabilities; with DATA.ENSEMBLE_METHOD "sum" they are averaged).
+_C.TEST.ENSEMBLE_SCORES = "logits"
 
 # ---------------------------------------------------------------- data
 _C.DATA = CfgNode()
@@ -120,6 +126,14 @@ _C.DATA.PATH_LABEL_SEPARATOR = " "
 _C.DATA.TRAIN_JITTER_SCALES = [256, 320]
 # Video decoder; only "pyav" (torchvision's video reader no longer exists in torchvision 0.29).
 _C.DATA.DECODING_BACKEND = "pyav"
+# A video with fewer frames than a clip spans: "skip" (not used, warned about and counted with the undecodable
+# ones) or "clamp" (the frame indices clamp to its last frame, as PySlowFast / TimeSformer do; the Kinetics
+# configs use it so that published numbers compare).
+_C.DATA.SHORT_VIDEO = "skip"
+# Horizontal flip (p 0.5) of training clips (PySlowFast's DATA.RANDOM_FLIP); off where direction is the label.
+_C.DATA.RANDOM_FLIP = True
+# How the views of a test video are combined (PySlowFast's TestMeter): "sum" (official) or "max" (elementwise).
+_C.DATA.ENSEMBLE_METHOD = "sum"
 
 # ---------------------------------------------------------------- train-time augmentation (timm)
 _C.AUG = CfgNode()

@@ -7,9 +7,9 @@ ignored. A missing or empty list, or a malformed line, is a DataError naming the
 
 Items. Decoding and sampling are vitadapt.datasets.decoder's (PyAV, the official formulas):
 - train and val: one item per video; a random temporal start (view -1), then random short-side scale in
-  DATA.TRAIN_JITTER_SCALES, random DATA.TRAIN_CROP_SIZE crop and horizontal flip. Val is augmented like train
-  on purpose: that is what PySlowFast / TimeSformer's Kinetics val does (slowfast.md 3.3), so val numbers match
-  theirs; the deterministic multi-view evaluation is the test split. Random draws use torch's default
+  DATA.TRAIN_JITTER_SCALES, random DATA.TRAIN_CROP_SIZE crop, horizontal flip (DATA.RANDOM_FLIP). Val is
+  augmented like train on purpose: that is what PySlowFast / TimeSformer's Kinetics val does (slowfast.md 3.3),
+  so val numbers match theirs; the deterministic multi-view evaluation is the test split. Random draws use torch's default
   generator: the loader's workers each get their own torch seed (derived from the main process's generator,
   which RNG_SEED seeds), so no Python/NumPy global state is involved.
 - test: TEST.NUM_ENSEMBLE_VIEWS x TEST.NUM_SPATIAL_CROPS items per video. Item i is video
@@ -20,7 +20,8 @@ Items. Decoding and sampling are vitadapt.datasets.decoder's (PyAV, the official
 An item is (float clip [C, T, H, W], normalised with DATA.MEAN / DATA.STD, int label).
 
 Failures. A missing, corrupt or undecodable video is logged as a warning naming the file and the reason and
-its item is None: the collate function drops it and the loop counts it as skipped. Nothing is retried
+its item is None: the collate function drops it and the loop counts it as skipped. So is a video shorter than a
+clip unless DATA.SHORT_VIDEO is "clamp" (PySlowFast's behaviour: its last frame repeats). Nothing is retried
 (PySlowFast retries 100 other indices, then crashes, which hides the broken file).
 """
 
@@ -40,6 +41,10 @@ from .imagenet import DataError
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# How the views of a test video combine (vitadapt.engine.evaluate.ensemble): DATA.ENSEMBLE_METHOD of
+# TEST.ENSEMBLE_SCORES.
+ENSEMBLE_METHODS = ("sum", "max")
+ENSEMBLE_SCORES = ("logits", "softmax")
 
 
 def validate_video_config(cfg) -> None:
@@ -61,6 +66,12 @@ def validate_video_config(cfg) -> None:
         raise ConfigError(f"DATA.TRAIN_JITTER_SCALES must be [min, max] with 0 < min <= max, got {scales}")
     if not d.PATH_LABEL_SEPARATOR:
         raise ConfigError("DATA.PATH_LABEL_SEPARATOR must not be empty (PySlowFast's default is a space ' ')")
+    for key, choices in (("DATA.ENSEMBLE_METHOD", ENSEMBLE_METHODS), ("TEST.ENSEMBLE_SCORES", ENSEMBLE_SCORES)):
+        node, leaf = key.split(".")
+        if cfg[node][leaf] not in choices:
+            raise ConfigError(f"{key} must be {' or '.join(choices)}, got '{cfg[node][leaf]}'")
+    if d.SHORT_VIDEO not in ("skip", "clamp"):
+        raise ConfigError(f"DATA.SHORT_VIDEO must be 'skip' or 'clamp', got '{d.SHORT_VIDEO}'")
     if d.DECODING_BACKEND != "pyav":
         hint = (": torchvision's video reader (torchvision.io._read_video_from_memory) no longer exists in "
                 "torchvision 0.29" if d.DECODING_BACKEND == "torchvision" else "")
@@ -119,6 +130,7 @@ class Kinetics:
         self.videos = read_list(self.list_file, d.PATH_PREFIX, root, d.PATH_LABEL_SEPARATOR, cfg.MODEL.NUM_CLASSES)
         self.num_frames, self.sampling_rate, self.target_fps = d.NUM_FRAMES, d.SAMPLING_RATE, d.TARGET_FPS
         self.mean, self.std = list(d.MEAN), list(d.STD)
+        self.short_video, self.random_flip = d.SHORT_VIDEO, d.RANDOM_FLIP
         self.test = split == "test"
         if self.test:
             self.num_views, self.num_crops = cfg.TEST.NUM_ENSEMBLE_VIEWS, cfg.TEST.NUM_SPATIAL_CROPS
@@ -167,11 +179,16 @@ class Kinetics:
             logger.warning("skipping video %s: %s", path, e)
             return None
         span = clip_span(self.num_frames, self.sampling_rate, clip.fps, self.target_fps)
-        if clip.video_frames < span and path not in self._warned_short:
-            # Kept, as PySlowFast keeps it: the frame indices clamp to the last frame (repeated frames).
-            self._warned_short.add(path)
-            logger.warning("video %s has %d frames, shorter than the clip (%.1f frames at %.3g fps); its last "
-                           "frame is repeated", path, clip.video_frames, span, clip.fps)
+        if clip.video_frames < span:
+            what = (f"video {path} has {clip.video_frames} frames, shorter than a clip ({span:.1f} frames at "
+                    f"{clip.fps:.3g} fps)")
+            if self.short_video == "skip":
+                logger.warning("skipping %s (DATA.SHORT_VIDEO skip)", what)
+                return None
+            if path not in self._warned_short:  # clamp: the indices repeat the last frame, as PySlowFast's
+                self._warned_short.add(path)
+                logger.warning("%s; its last frame is repeated (DATA.SHORT_VIDEO clamp)", what)
         frames = normalize(clip.frames, self.mean, self.std)  # [C, T, H, W], normalised before cropping (official)
-        frames = spatial_sampling(frames, spatial, self.min_scale, self.max_scale, self.crop_size)
+        frames = spatial_sampling(frames, spatial, self.min_scale, self.max_scale, self.crop_size,
+                                  random_flip=self.random_flip)
         return frames.contiguous(), label

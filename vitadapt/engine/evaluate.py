@@ -7,7 +7,9 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
+from vitadapt.datasets.kinetics import ENSEMBLE_METHODS, ENSEMBLE_SCORES
 from vitadapt.errors import VitadaptError
 from vitadapt.utils import distributed as du
 from vitadapt.utils.checkpoint import unwrap
@@ -61,6 +63,70 @@ def exit_statistics(records: list, num_exits: int) -> dict:
     return out
 
 
+def video_dataset(dataset):
+    """The data set under the loader's wrappers (_Indexed, Subset) that defines `video_index`, and the item of it
+    each position of `dataset` reads; (None, None) for a data set without videos (images)."""
+    chain = []
+    while not hasattr(dataset, "video_index"):
+        chain.append(dataset)
+        dataset = getattr(dataset, "dataset", None)
+        if dataset is None:
+            return None, None
+    items = torch.arange(len(dataset))
+    for wrapper in reversed(chain):  # innermost first: a Subset picks among the items below it
+        if isinstance(wrapper, Subset):
+            items = items[torch.as_tensor(wrapper.indices, dtype=torch.long)]
+    return dataset, items
+
+
+def ensemble(video: torch.Tensor, scores: torch.Tensor, num_videos: int, method: str, kind: str) -> torch.Tensor:
+    """[num_videos, C] video scores from per-view logits [N, C] of videos `video` [N] (PySlowFast's TestMeter):
+    the sum or elementwise max of the logits (official) or of the softmax probabilities; with softmax a sum is
+    divided by the views, so that scores stay probabilities. Rows of videos without views are 0."""
+    if method not in ENSEMBLE_METHODS or kind not in ENSEMBLE_SCORES:
+        raise ValueError(f"unknown ensemble {method!r} of {kind!r}: expected one of {ENSEMBLE_METHODS} of one of "
+                         f"{ENSEMBLE_SCORES}")
+    if kind == "softmax":
+        scores = scores.softmax(dim=1)
+    out = scores.new_zeros(num_videos, scores.shape[1])
+    if method == "max":
+        return out.scatter_reduce_(0, video[:, None].expand_as(scores), scores, "amax", include_self=False)
+    out.index_add_(0, video, scores)
+    if kind == "softmax":
+        out /= torch.bincount(video, minlength=num_videos).clamp(min=1)[:, None].to(out.dtype)
+    return out
+
+
+def video_statistics(dataset, items: torch.Tensor, index: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                     macs: torch.Tensor, method: str, kind: str) -> dict:
+    """Per-video metrics from every decoded view (index: the loader's positions, one per view, from every rank).
+    Videos with no decoded view are excluded (and named in a warning); videos missing some views are ensembled
+    over the views that decoded, and counted as partial."""
+    item_video = torch.tensor([dataset.video_index(i) for i in items.tolist()], dtype=torch.long)
+    expected = torch.bincount(item_video, minlength=dataset.num_videos)  # views this evaluation reads per video
+    video = item_video[index]
+    decoded = torch.bincount(video, minlength=dataset.num_videos)
+    scores = ensemble(video, logits, dataset.num_videos, method, kind)
+    video_labels = torch.zeros(dataset.num_videos, dtype=torch.long).index_copy_(0, video, labels)
+    video_macs = torch.zeros(dataset.num_videos, dtype=torch.float64).index_add_(0, video, macs.double())
+    kept = (decoded > 0).nonzero().flatten()
+    excluded = ((expected > 0) & (decoded == 0)).nonzero().flatten().tolist()
+    if excluded and du.is_master():
+        names = ", ".join(dataset.videos[v][0] for v in excluded[:20])
+        logger.warning("%d video(s) have no decodable view and are excluded from the per-video metrics: %s%s",
+                       len(excluded), names, f" (and {len(excluded) - 20} more)" if len(excluded) > 20 else "")
+    n = kept.numel()
+    return {"num_videos": n, "views_per_video": len(dataset) // dataset.num_videos,
+            "video_top1_acc": 100.0 * topk_correct(scores[kept], video_labels[kept], 1).item() / n,
+            "video_top5_acc": 100.0 * topk_correct(scores[kept], video_labels[kept], 5).item() / n,
+            "excluded_videos": len(excluded), "partial_videos": int(((decoded > 0) & (decoded < expected)).sum()),
+            "gmacs_per_view_mean": macs.double().mean().item() / 1e9,
+            "gmacs_per_video_mean": video_macs[kept].mean().item() / 1e9,
+            "video_predictions": {"video": kept, "path": [dataset.videos[v][0] for v in kept.tolist()],
+                                  "labels": video_labels[kept], "views": decoded[kept], "scores": scores[kept],
+                                  "ensemble_method": method, "ensemble_scores": kind}}
+
+
 class Progress:
     """A progress line every `period` batches: images done of this process's shard, running top-1, rate, ETA."""
 
@@ -80,11 +146,18 @@ class Progress:
 
 @torch.no_grad()
 def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
-             keep_predictions: bool = False, label: str = "val", log_period: int = 0) -> dict:
+             keep_predictions: bool = False, label: str = "val", log_period: int = 0,
+             ensemble_method: str = "sum", ensemble_scores: str = "logits") -> dict:
     """Every process evaluates its shard (no padding); sums are all-reduced, so each item counts once.
 
+    A data set with `video_index` (videos, each read as one or more views) is also evaluated per video: the
+    views' logits, gathered from every rank by data set index, are ensembled (see `ensemble`) and the video_*
+    statistics added (see `video_statistics`); the per-item ones stay per view.
+    keep_predictions adds "predictions" (per item) and, for videos, "video_predictions" to the result.
     Logs progress every `log_period` batches (0: never). Fails if no image of the split could be decoded."""
     model.eval()
+    videos, items = video_dataset(loader.dataset)
+    keep_logits = keep_predictions or videos is not None
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # n, top1, top5, loss, skipped, non-finite images
     macs, counts, depths, predictions, extra, exits = [], [], [], [], [], []
     kept_tokens, halting = reports(model, "kept_tokens"), reports(model, "token_depth")
@@ -116,7 +189,7 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
         image_statistics = getattr(unwrap(model), "image_statistics", None)
         if image_statistics is not None:
             extra.append({k: v.detach().double().cpu() for k, v in image_statistics().items()})
-        if keep_predictions:
+        if keep_logits:  # in the same batch order as `macs`
             predictions.append((batch["index"].cpu(), logits.cpu(), labels.cpu()))
         progress.update(step, int(sums[0].item() + sums[4].item()), sums[1])
     sums = du.all_reduce_sum(sums).cpu()
@@ -148,11 +221,16 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
         stats.update(tokens_per_block_mean=[round(t, 3) for t in tokens.mean(0).tolist()],
                      tokens_per_block_min=[int(t) for t in tokens.min(0).values.tolist()],
                      tokens_per_block_max=[int(t) for t in tokens.max(0).values.tolist()])
-    if keep_predictions and predictions:
-        index = torch.cat([p[0] for p in predictions])
-        order = index.argsort()
-        stats["predictions"] = {"index": index[order], "logits": torch.cat([p[1] for p in predictions])[order],
-                                "labels": torch.cat([p[2] for p in predictions])[order]}
+    if predictions:
+        index, logits, labels = (torch.cat([p[k] for p in predictions]) for k in range(3))
+        if videos is not None:
+            stats.update(video_statistics(videos, items, index, logits, labels, torch.cat(macs), ensemble_method,
+                                          ensemble_scores))
+            if not keep_predictions:
+                del stats["video_predictions"]
+        if keep_predictions:
+            order = index.argsort()
+            stats["predictions"] = {"index": index[order], "logits": logits[order], "labels": labels[order]}
     return stats
 
 

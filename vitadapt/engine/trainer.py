@@ -1,5 +1,7 @@
 """The train and test jobs: a thin loop with hooks (LR schedule, EMA, method schedules) around one step."""
 
+import csv
+import json
 import logging
 import os
 import random
@@ -18,7 +20,7 @@ from vitadapt.config import ConfigError
 from vitadapt.datasets import construct_loader
 from vitadapt.errors import VitadaptError
 from vitadapt.losses import build_loss
-from vitadapt.models import build_model
+from vitadapt.models import build_model, input_shape
 from vitadapt.utils import checkpoint as cu
 from vitadapt.utils import distributed as du
 from vitadapt.utils.logging import log_json_stats, setup_logging, supersede_epoch_records
@@ -120,7 +122,7 @@ def log_model_info(model, cfg, device) -> None:
     params = sum(p.numel() for p in model.parameters())
     was_training = model.training
     model.eval()
-    model(torch.zeros(1, cfg.VIT.IN_CHANS, cfg.DATA.TEST_CROP_SIZE, cfg.DATA.TEST_CROP_SIZE, device=device))
+    model(torch.zeros(input_shape(cfg), device=device))
     gmacs = model.macs_per_image().item() / 1e9
     model.train(was_training)
     adaptive = (" for a blank image (adaptive: the cost depends on the image)"
@@ -128,8 +130,10 @@ def log_model_info(model, cfg, device) -> None:
     if getattr(model, "num_exits", 1) > 1:
         logger.info("GMACs per image leaving at each exit (cumulative): %s",
                     " / ".join(f"{g:.4f}" for g in (model.exit_macs(cfg.DATA.TEST_CROP_SIZE) / 1e9).tolist()))
-    logger.info("model %s: %.2fM parameters, %.3f GMACs per image at %dpx%s", cfg.MODEL.NAME, params / 1e6, gmacs,
-                cfg.DATA.TEST_CROP_SIZE, adaptive)
+    shape = input_shape(cfg)
+    unit = f"clip ({shape[2]} frames of {shape[-1]}px)" if len(shape) == 5 else f"image at {shape[-1]}px"
+    logger.info("model %s: %.2fM parameters, %.3f GMACs per %s%s", cfg.MODEL.NAME, params / 1e6, gmacs, unit,
+                adaptive)
 
 
 def wrap_ddp(model, device):
@@ -421,6 +425,70 @@ def results_path(cfg) -> str:
     return os.path.join(cfg.OUTPUT_DIR, cfg.TEST.SAVE_RESULTS_PATH) if cfg.TEST.SAVE_RESULTS_PATH else ""
 
 
+def log_test_accuracy(cfg, stats: dict) -> None:
+    """The test's accuracy and GMACs lines; for videos per video (ensembled views) and per view, named as such."""
+    where = f"test on {cfg.TEST.SPLIT}"
+    if "video_top1_acc" not in stats:
+        logger.info("%s (%d images): top1 %.2f%% top5 %.2f%%", where, stats["num_images"], stats["top1_acc"],
+                    stats["top5_acc"])
+        if "gmacs_mean" in stats:
+            logger.info("GMACs per image: mean %.4f, p50 %.4f, p95 %.4f", stats["gmacs_mean"], stats["gmacs_p50"],
+                        stats["gmacs_p95"])
+        return
+    logger.info("%s (%d videos, %d views each): video top1 %.2f%% top5 %.2f%% (%s of %s; per view: top1 %.2f%% "
+                "top5 %.2f%% over %d views)", where, stats["num_videos"], stats["views_per_video"],
+                stats["video_top1_acc"], stats["video_top5_acc"], cfg.DATA.ENSEMBLE_METHOD, cfg.TEST.ENSEMBLE_SCORES,
+                stats["top1_acc"], stats["top5_acc"], stats["num_images"])
+    if stats["excluded_videos"] or stats["partial_videos"]:
+        logger.warning("%s: %d video(s) excluded (no decodable view), %d partial (ensembled over the views that "
+                       "decoded)", where, stats["excluded_videos"], stats["partial_videos"])
+    logger.info("GMACs per view: mean %.4f, p50 %.4f, p95 %.4f; per video: mean %.4f", stats["gmacs_per_view_mean"],
+                stats["gmacs_p50"], stats["gmacs_p95"], stats["gmacs_per_video_mean"])
+
+
+def prediction_rows(predictions: dict, videos: Optional[dict]) -> List[dict]:
+    """One row per video (ensembled scores) for a video data set, else one per image: its label, predicted class
+    and top-5 classes (fewer with fewer classes); video rows also carry their path and ensembled scores."""
+    if videos is not None:
+        keys, scores = {"video": videos["video"].tolist(), "path": videos["path"]}, videos["scores"]
+        labels = videos["labels"]
+    else:
+        keys, scores, labels = {"index": predictions["index"].tolist()}, predictions["logits"], predictions["labels"]
+    top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices.tolist()
+    rows = [dict(zip(keys, values)) for values in zip(*keys.values())]
+    for i, row in enumerate(rows):
+        row.update(label=int(labels[i]), pred=top5[i][0], top5=top5[i])
+        if videos is not None:
+            row["scores"] = scores[i].tolist()
+    return rows
+
+
+def save_results(out: str, predictions: dict, videos: Optional[dict]) -> None:
+    """TEST.SAVE_RESULTS_PATH, written atomically. .json: {"rows": [...]} (see prediction_rows), with the ensemble
+    settings for videos. .csv: the same rows; top5 as space-separated classes, a video's scores as columns
+    score_0 ... score_{C-1}. Anything else: the torch file of per-item index/logits/labels (plus "videos": the
+    per-video ensemble, for a video data set)."""
+    tmp = out + ".tmp"
+    if out.endswith((".json", ".csv")):
+        rows = prediction_rows(predictions, videos)
+        with g_pathmgr.open(tmp, "w", newline="") as f:
+            if out.endswith(".json"):
+                settings = {k: videos[k] for k in ("ensemble_method", "ensemble_scores")} if videos else {}
+                json.dump({**settings, "rows": rows}, f)
+            else:  # rows is not empty: evaluate fails when nothing decoded
+                writer = csv.writer(f)
+                columns = [k for k in rows[0] if k != "scores"]
+                writer.writerow(columns + [f"score_{c}" for c in range(len(rows[0].get("scores", ())))])
+                for row in rows:
+                    writer.writerow([" ".join(map(str, row[k])) if k == "top5" else row[k] for k in columns]
+                                    + row.get("scores", []))
+    else:
+        with g_pathmgr.open(tmp, "wb") as f:
+            torch.save({**predictions, "videos": videos} if videos is not None else predictions, f)
+    os.replace(tmp, out)
+    logger.info("predictions saved to %s", out)
+
+
 def test(cfg) -> dict:
     """Evaluates the test checkpoint on TEST.SPLIT; logs and returns top-1/top-5 and per-image GMACs."""
     setup_logging("", du.get_rank())  # the console only, until the job is accepted
@@ -437,17 +505,14 @@ def test(cfg) -> dict:
     # A multi-exit model (DVT): its curves, then the thresholds its early-exit evaluation runs with.
     exit_stats = prepare_exits(cfg, model, device, path, amp_dtype(cfg, device)) if getattr(model, "num_exits", 1) > 1 else {}
     stats = evaluate(model, loader, device, amp_dtype(cfg, device), keep_predictions=bool(out),
-                     label=f"test on {cfg.TEST.SPLIT}", log_period=cfg.LOG_PERIOD)
+                     label=f"test on {cfg.TEST.SPLIT}", log_period=cfg.LOG_PERIOD,
+                     ensemble_method=cfg.DATA.ENSEMBLE_METHOD, ensemble_scores=cfg.TEST.ENSEMBLE_SCORES)
     stats.update(exit_stats)
-    predictions = stats.pop("predictions", None)
+    predictions, videos = stats.pop("predictions", None), stats.pop("video_predictions", None)
     stats.update(_type="test_final", checkpoint=path, split=cfg.TEST.SPLIT)
     if du.is_master():
-        logger.info("test on %s (%d images): top1 %.2f%% top5 %.2f%%", cfg.TEST.SPLIT, stats["num_images"],
-                    stats["top1_acc"], stats["top5_acc"])
+        log_test_accuracy(cfg, stats)
         report_nonfinite(stats, f"test on {cfg.TEST.SPLIT}")
-        if "gmacs_mean" in stats:
-            logger.info("GMACs per image: mean %.4f, p50 %.4f, p95 %.4f", stats["gmacs_mean"], stats["gmacs_p50"],
-                        stats["gmacs_p95"])
         if "exit_counts" in stats:
             logger.info("images per exit: %s (exit GMACs, cumulative: %s)", " / ".join(map(str, stats["exit_counts"])),
                         " / ".join(f"{g:.4f}" for g in stats.get("exit_gmacs", [])))
@@ -477,8 +542,5 @@ def test(cfg) -> dict:
                         if isinstance(v, (int, float)):
                             writer.add_scalar(f"test/{key}" + (f"/{i}" if isinstance(value, list) else ""), v)
         if predictions is not None:
-            with g_pathmgr.open(out + ".tmp", "wb") as f:
-                torch.save(predictions, f)
-            os.replace(out + ".tmp", out)
-            logger.info("predictions saved to %s", out)
+            save_results(out, predictions, videos)
     return stats

@@ -26,6 +26,9 @@ class TokenBatch:
           block's attention and at its MLP. FLOP counting and the kept-token statistics read it.
     num_initial: tokens per image right after the patch embedding (CLS included).
     execution: "packed" or "masked": what `select` turns a token selection into.
+    frames: video frames per clip (1 for images). A space-time sequence (TimeSformer divided / joint) holds
+          token 1 + n * frames + t for patch n of frame t; per-frame sequences (XViT, space only) hold one frame
+          per row, the `frames` rows of a clip one after the other.
     """
 
     x: Tensor
@@ -35,14 +38,16 @@ class TokenBatch:
     lengths: Optional[Tensor] = None
     num_initial: int = 0
     execution: str = "packed"
+    frames: int = 1
     # Packed layout: row of each live token in a [B * width] padded tensor, and width = max(lengths).
     flat_index: Optional[Tensor] = field(default=None, repr=False)
     width: int = 0
 
     @classmethod
-    def dense(cls, x: Tensor, execution: str = "packed") -> "TokenBatch":
+    def dense(cls, x: Tensor, execution: str = "packed", frames: int = 1) -> "TokenBatch":
         b, n, _ = x.shape
-        return cls(x=x, ids=torch.arange(n, device=x.device).expand(b, n), num_initial=n, execution=execution)
+        return cls(x=x, ids=torch.arange(n, device=x.device).expand(b, n), num_initial=n, execution=execution,
+                   frames=frames)
 
     @classmethod
     def packed_rows(cls, x: Tensor, lengths: Tensor, execution: str = "packed") -> "TokenBatch":

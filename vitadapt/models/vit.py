@@ -29,6 +29,11 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        # A backbone's change of the keys and values before attention ([B, heads, N, head_dim] each, padded
+        # layout), e.g. XViT's space-time mixing shift; None leaves them as computed.
+        self.kv_mixing: Optional[nn.Module] = None
+        # False: explicit softmax(Q K^T * scale) V (VIT.FUSED_ATTENTION), the official code's order of operations.
+        self.fused = True
 
     def forward(self, x: Tensor, tokens: TokenBatch, need_cls_attention: bool = False,
                 adapter: Optional[TokenAdapter] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
@@ -38,16 +43,19 @@ class Attention(nn.Module):
         b, n, c3 = qkv.shape
         c = c3 // 3
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        if self.kv_mixing is not None:
+            k, v = self.kv_mixing(k), self.kv_mixing(v)
         key_mask = tokens.key_mask()
         bias = adapter.attention_bias(tokens) if adapter is not None else None
-        if adapter is not None and adapter.records_attention_logits:
-            # The method needs the logits themselves (DVT reuses them downstream): explicit attention.
+        if not self.fused or (adapter is not None and adapter.records_attention_logits):
+            # Explicit attention: asked for, or the method needs the logits themselves (DVT reuses them).
             logits = (q @ k.transpose(-2, -1)) * self.scale
             if bias is not None:
                 logits = logits + bias
             if key_mask is not None:
                 logits = logits.masked_fill(~key_mask, float("-inf"))
-            adapter.observe_attention_logits(logits)
+            if adapter is not None and adapter.records_attention_logits:
+                adapter.observe_attention_logits(logits)
             out = F.dropout(logits.softmax(dim=-1), self.attn_drop, self.training) @ v
         else:
             mask = key_mask
@@ -102,6 +110,13 @@ class Block(nn.Module):
         adapter = self.adapter
         if adapter is not None:
             tokens = adapter.before_block(tokens)
+        tokens = self.feed_forward(self.attend(tokens, adapter), adapter)
+        if adapter is not None:
+            tokens = adapter.after_block(tokens)
+        return tokens
+
+    def attend(self, tokens: TokenBatch, adapter: Optional[TokenAdapter]) -> TokenBatch:
+        """The attention sub-layer with its residual, then the method's after_attention hook."""
         n_attn = tokens.num_live()
         need_cls = adapter is not None and adapter.needs_cls_attention
         out, cls_attention, values = self.attn(self.norm1(tokens.x), tokens, need_cls, adapter)
@@ -109,11 +124,12 @@ class Block(nn.Module):
         if adapter is not None:
             tokens = adapter.after_attention(tokens, cls_attention, values)
         tokens.token_counts.append(torch.stack([n_attn, tokens.num_live()], dim=1))
-        h = tokens.x if adapter is None else adapter.mlp_input(tokens)
-        tokens = tokens.add_residual(tokens.drop_path(self.mlp(self.norm2(h)), self.drop_path, self.training))
-        if adapter is not None:
-            tokens = adapter.after_block(tokens)
         return tokens
+
+    def feed_forward(self, tokens: TokenBatch, adapter: Optional[TokenAdapter]) -> TokenBatch:
+        """The MLP sub-layer with its residual."""
+        h = tokens.x if adapter is None else adapter.mlp_input(tokens)
+        return tokens.add_residual(tokens.drop_path(self.mlp(self.norm2(h)), self.drop_path, self.training))
 
 
 @MODEL_REGISTRY.register()
@@ -128,7 +144,7 @@ class VisionTransformer(nn.Module):
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, head_drop_rate: float = 0.0, token_execution: str = "packed",
-                 patch_padding: int = 0):
+                 patch_padding: int = 0, block_class: type = None):
         super().__init__()
         # How a method's per-image token selection runs: "packed" (real removal) or "masked" (dense + mask).
         self.token_execution = token_execution
@@ -141,19 +157,21 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, embed_dim))
         self.build_body(depth, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, drop_path_rate,
-                        head_drop_rate)
+                        head_drop_rate, block_class=block_class)
         self.init_weights()
 
     def build_body(self, depth: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop_rate: float,
                    attn_drop_rate: float, drop_path_rate: float, head_drop_rate: float, norm_eps: float = 1e-6,
-                   qk_scale: Optional[float] = None) -> None:
+                   qk_scale: Optional[float] = None, block_class: type = None) -> None:
         """Everything after the embedding: dropout, the blocks (stochastic depth rising linearly to
-        drop_path_rate), the final norm and the classifier. Backbones with another embedding (T2T-ViT) share it."""
+        drop_path_rate), the final norm and the classifier. Backbones with another embedding (T2T-ViT) or
+        another block (TimeSformer's divided space-time attention) share it."""
         dim = self.embed_dim
         self.pos_drop = nn.Dropout(drop_rate)
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, rates[i],
-                                          norm_eps=norm_eps, qk_scale=qk_scale) for i in range(depth))
+        block_class = block_class or Block
+        self.blocks = nn.ModuleList(block_class(dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate,
+                                                rates[i], norm_eps=norm_eps, qk_scale=qk_scale) for i in range(depth))
         self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.head_drop = nn.Dropout(head_drop_rate)
         self.head = nn.Linear(dim, self.num_classes) if self.num_classes > 0 else nn.Identity()

@@ -1,0 +1,506 @@
+"""Video backbones on the shared ViT: TimeSformer (divided / joint space-time, space only) and XViT.
+
+Both are the image backbone's Block, Attention and TokenBatch with a video token layout (spec video.md 1-2):
+- TimeSformer: one sequence per clip, a single CLS then patch n of frame t at 1 + n * T + t (space-major,
+  time-minor, the official order). Divided attention adds a temporal sub-layer to the shared Block
+  (DividedSpaceTimeBlock); joint attention is the plain Block over all 1 + N * T tokens; space only runs the
+  plain Block per frame and averages the frames before the final norm.
+- XViT: the image ViT on every frame (its own CLS each), with the space-time mixing shift of keys and values
+  (TemporalShift, through Attention.kv_mixing) and a one-block temporal transformer over the frames' CLS
+  outputs (TemporalHead).
+State-dict keys are the official ones (TimeSformer's inner model; XViT's base_model. / consensus.), so released
+checkpoints load strictly after `adapt_official_state_dict` (prefixes, XViT's unused new_fc, inflation of an
+ImageNet ViT).
+"""
+
+import math
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from vitadapt.config import register_config
+
+from .build import MODEL_REGISTRY
+from .flops import block_macs
+from .tokens import TokenBatch
+from .vit import Attention, Block, VisionTransformer, _init_linear_and_norm, vit_kwargs
+
+ATTENTION_TYPES = ("divided_space_time", "joint_space_time", "space_only")
+POS_EMBED_RESIZES = ("official", "grid")
+
+
+def frames_of(video: Tensor) -> Tensor:
+    """[B, C, T, H, W] -> [B * T, C, H, W], row b * T + t (the layout of every per-frame computation here)."""
+    b, c, t, h, w = video.shape
+    return video.transpose(1, 2).reshape(b * t, c, h, w)
+
+
+def check_video(video: Tensor, model: str) -> None:
+    if video.dim() != 5:
+        raise ValueError(f"{model} takes clips [B, C, T, H, W], got a tensor of shape {tuple(video.shape)}")
+
+
+class DividedSpaceTimeBlock(Block):
+    """TimeSformer's divided space-time attention (official Block, attention_type 'divided_space_time').
+
+    1. temporal: attention over the T tokens of each patch location (CLS excluded), then temporal_fc, added to
+       the patch tokens (stochastic depth before temporal_fc, as the official block);
+    2. spatial: the shared attention sub-layer per frame, on the post-temporal tokens with the CLS copied into
+       every frame; the CLS leaves as the mean of its T copies (= CLS + the mean of the T updates);
+    3. the shared MLP sub-layer on the whole sequence.
+    Keys: the plain Block's plus temporal_norm1, temporal_attn.{qkv,proj} and temporal_fc. A method's hooks
+    run around the block and inside the spatial attention, whose token batch holds one frame per row.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: float = 0.0, norm_eps: float = 1e-6,
+                 qk_scale: Optional[float] = None):
+        super().__init__(dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path, norm_eps, qk_scale)
+        self.temporal_norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.temporal_attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, qk_scale=qk_scale)
+        self.temporal_fc = nn.Linear(dim, dim)
+
+    def forward(self, tokens: TokenBatch) -> TokenBatch:
+        adapter = self.adapter
+        if adapter is not None:
+            tokens = adapter.before_block(tokens)
+        x, t = tokens.x, tokens.frames
+        b, length, c = x.shape
+        n = (length - 1) // t
+        along_time = TokenBatch.dense(x[:, 1:].reshape(b * n, t, c))  # one row per (clip, location)
+        out = self.temporal_attn(self.temporal_norm1(along_time.x), along_time)[0]
+        out = along_time.drop_path(out, self.drop_path, self.training)
+        patches = x[:, 1:] + self.temporal_fc(out.reshape(b, n * t, c))
+        per_frame = patches.reshape(b, n, t, c).transpose(1, 2).reshape(b * t, n, c)
+        per_frame = torch.cat([x[:, :1].repeat_interleave(t, dim=0), per_frame], dim=1)
+        spatial = self.attend(TokenBatch.dense(per_frame, tokens.execution), adapter).x
+        cls = spatial[:, :1].reshape(b, t, 1, c).mean(dim=1)
+        patches = spatial[:, 1:].reshape(b, t, n, c).transpose(1, 2).reshape(b, n * t, c)
+        tokens = self.feed_forward(tokens.replace(x=torch.cat([cls, patches], dim=1)), adapter)
+        if adapter is not None:
+            tokens = adapter.after_block(tokens)
+        return tokens
+
+
+def resize_pos_grid(pos: Tensor, grid, mode: str = "nearest", scale: Optional[float] = None) -> Tensor:
+    """pos [1, 1 + h * w, C] (CLS first, square grid) resized on its 2-D grid to `grid` (h', w'); with `scale`,
+    by that factor (XViT's per-forward bicubic resize)."""
+    side = int(round(math.sqrt(pos.shape[1] - 1)))
+    patches = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    if scale is None:
+        patches = F.interpolate(patches, size=tuple(grid), mode=mode)
+    else:
+        patches = F.interpolate(patches, scale_factor=scale, mode=mode)
+    return torch.cat([pos[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
+
+
+def resize_sequence(embed: Tensor, length: int) -> Tensor:
+    """[1, L, C] -> [1, length, C] by 1-D nearest interpolation along the sequence (the official TimeSformer
+    resize of time_embed, and of the flattened pos_embed patches when inflating)."""
+    return F.interpolate(embed.transpose(1, 2), size=length, mode="nearest").transpose(1, 2)
+
+
+@MODEL_REGISTRY.register()
+class TimeSformer(VisionTransformer):
+    """TimeSformer (Bertasius et al., ICML 2021), official `timesformer/models/vit.py` VisionTransformer.
+
+    Input clips [B, 3, T, H, W]. `time_embed` (1, T, C) is added to every patch token (not the CLS) unless
+    attention is space only. `pos_resize` is how an ImageNet checkpoint's pos_embed meets another patch count:
+    "official" (1-D nearest on the flattened sequence, which scrambles the 2-D layout unless the count is the
+    same) or "grid" (2-D resize of the patch grid).
+    """
+
+    takes_video = True  # clips [B, C, T, H, W] (models.build.input_shape)
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 400,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.1, head_drop_rate: float = 0.0, token_execution: str = "packed",
+                 num_frames: int = 8, attention_type: str = "divided_space_time", pos_resize: str = "official"):
+        if attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got '{attention_type}'")
+        if pos_resize not in POS_EMBED_RESIZES:
+            raise ValueError(f"pos_resize must be one of {POS_EMBED_RESIZES}, got '{pos_resize}'")
+        self.attention_type, self.num_frames, self.pos_resize = attention_type, num_frames, pos_resize
+        block = DividedSpaceTimeBlock if attention_type == "divided_space_time" else Block
+        super().__init__(img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio,
+                         qkv_bias, drop_rate, attn_drop_rate, drop_path_rate, head_drop_rate, token_execution,
+                         block_class=block)
+        if attention_type != "space_only":
+            self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))  # zero: the official init
+            self.time_drop = nn.Dropout(drop_rate)
+
+    @classmethod
+    def from_config(cls, cfg) -> "TimeSformer":
+        t = cfg.TIMESFORMER
+        return cls(**vit_kwargs(cfg), num_frames=cfg.DATA.NUM_FRAMES, attention_type=t.ATTENTION_TYPE,
+                   pos_resize=t.POS_EMBED_RESIZE)
+
+    def init_weights(self) -> None:
+        """The official initialisation: trunc-normal(.02) pos_embed, cls_token and Linear weights; time_embed and
+        every temporal_fc zero, so a new or inflated model starts as a per-frame image model."""
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_linear_and_norm)
+        for block in self.blocks:
+            if isinstance(block, DividedSpaceTimeBlock):
+                nn.init.zeros_(block.temporal_fc.weight)
+                nn.init.zeros_(block.temporal_fc.bias)
+
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token", "time_embed"}
+
+    def embed(self, video: Tensor) -> TokenBatch:
+        check_video(video, "TimeSformer")
+        b, _, t, h, w = video.shape
+        x = self.patch_embed(frames_of(video))  # [B * T, N, C]
+        grid = (h // self.patch_embed.patch_size[0], w // self.patch_embed.patch_size[1])
+        pos = self.pos_embed
+        if grid != tuple(self.patch_grid):  # official: nearest 2-D resize of the grid in the forward
+            pos = resize_pos_grid(pos, grid, mode="nearest")
+        x = self.pos_drop(torch.cat([self.cls_token.expand(b * t, -1, -1), x], dim=1) + pos)
+        if self.attention_type == "space_only":
+            return TokenBatch.dense(x, self.token_execution, frames=t)
+        n, c = x.shape[1] - 1, x.shape[2]
+        time = self.time_embed if self.time_embed.shape[1] == t else resize_sequence(self.time_embed, t)
+        patches = x[:, 1:].reshape(b, t, n, c).transpose(1, 2) + time[:, None]  # [B, N, T, C]
+        x = torch.cat([x[::t, :1], self.time_drop(patches.reshape(b, n * t, c))], dim=1)
+        return TokenBatch.dense(x, self.token_execution, frames=t)
+
+    def forward_features(self, video: Tensor) -> TokenBatch:
+        tokens = self.embed(video)
+        for block in self.blocks:
+            tokens = block(tokens)
+        if self.attention_type == "space_only":  # the frames' sequences averaged, then the final norm
+            x = tokens.x.reshape(-1, tokens.frames, *tokens.x.shape[1:]).mean(dim=1)
+            tokens = TokenBatch.dense(x, self.token_execution, frames=tokens.frames)
+        return tokens.replace(x=self.norm(tokens.x))
+
+    def forward(self, video: Tensor) -> Tensor:
+        self.last_clip_shape = tuple(int(s) for s in video.shape)  # ints, also under fvcore's trace
+        return self.forward_head(self.forward_features(video))
+
+    def macs_per_image(self, layer_norms: bool = False) -> Tensor:
+        """[B] MACs per clip of the last forward (every clip costs the same). `layer_norms` adds fvcore's 5 per
+        normalised element, the convention of the official FLOPs figures (spec video.md 1.8)."""
+        b, _, t, h, w = self.last_clip_shape
+        p = self.patch_embed.patch_size
+        n = (h // p[0]) * (w // p[1])
+        return torch.full((b,), timesformer_macs(self, n, t, layer_norms), dtype=torch.float64)
+
+    # ------------------------------------------------------------------ checkpoints
+    def adapt_official_state_dict(self, sd: Dict[str, Tensor], report) -> Dict[str, Tensor]:
+        """Released TimeSformer files ({'model_state': {'model.' + key}}) lose the wrapper's prefix. When
+        fine-tuning, an ImageNet ViT / DeiT file (no time_embed, no temporal_* key) is inflated as the official
+        load_pretrained does (spec video.md 1.5): temporal_attn from attn and temporal_norm1 from norm1 in every
+        block, temporal_fc and time_embed from this model's initialisation (zero), pos_embed resized per
+        `pos_resize` when the patch count differs. For evaluation such a file is refused (missing keys), as is a
+        video file that lacks any key."""
+        if sd and all(k.startswith("model.") for k in sd):
+            sd = {k[len("model."):]: v for k, v in sd.items()}
+            report.converted.append("'model.' prefix of the official wrapper removed")
+        own = self.state_dict()
+        image_vit = "blocks.0.attn.qkv.weight" in sd and not any(k == "time_embed" or ".temporal_" in k for k in sd)
+        if image_vit and "time_embed" in own and getattr(report, "fine_tuning", False):
+            sd = self._inflate(sd, own, report)
+        time = sd.get("time_embed")
+        if time is not None and "time_embed" in own and time.shape != own["time_embed"].shape:
+            sd = dict(sd, time_embed=resize_sequence(time, own["time_embed"].shape[1]))
+            report.resized.append(f"time_embed {tuple(time.shape)} -> {tuple(own['time_embed'].shape)} (1-D "
+                                  "nearest, official)")
+        return sd
+
+    def _inflate(self, sd: Dict[str, Tensor], own: Dict[str, Tensor], report) -> Dict[str, Tensor]:
+        sd = dict(sd)
+        from_init = ["time_embed"]
+        for i, block in enumerate(self.blocks):
+            if not isinstance(block, DividedSpaceTimeBlock):
+                continue
+            for part, source in (("temporal_attn", "attn"), ("temporal_norm1", "norm1")):
+                for key in [k for k in own if k.startswith(f"blocks.{i}.{part}.")]:
+                    src = key.replace(f".{part}.", f".{source}.")
+                    if key not in sd and src in sd:
+                        sd[key] = sd[src].clone()
+            from_init += [f"blocks.{i}.temporal_fc.weight", f"blocks.{i}.temporal_fc.bias"]
+        for key in from_init:
+            sd.setdefault(key, own[key])
+        divided = self.attention_type == "divided_space_time"
+        report.converted.append("inflated from an image ViT: " + ("temporal_attn.* <- attn.* and temporal_norm1.* "
+                                "<- norm1.* in every block; temporal_fc.* and " if divided else "")
+                                + "time_embed from this model's initialisation (zero, as the official init)")
+        pos, target = sd.get("pos_embed"), own["pos_embed"]
+        if pos is not None and pos.shape[1] != target.shape[1] and self.pos_resize == "official":
+            # Official: 1-D nearest over the flattened patches (the 2-D layout is only kept when the count is).
+            sd["pos_embed"] = torch.cat([pos[:, :1], resize_sequence(pos[:, 1:], target.shape[1] - 1)], dim=1)
+            report.resized.append(f"pos_embed {tuple(pos.shape)} -> {tuple(target.shape)} (1-D nearest over the "
+                                  "flattened patches, official; TIMESFORMER.POS_EMBED_RESIZE grid resizes the grid)")
+        return sd  # "grid": adapt_vit_state_dict resamples the 2-D grid afterwards
+
+
+def timesformer_macs(model: TimeSformer, n: int, t: int, layer_norms: bool = False) -> float:
+    """MACs of one clip of T frames with N patches each (fvcore's convention: one multiply-add = 1)."""
+    c = model.embed_dim
+    hidden = model.blocks[0].mlp.fc1.out_features
+    k = model.patch_embed.proj.kernel_size
+    total = n * t * model.patch_embed.proj.in_channels * k[0] * k[1] * c
+    tokens = 1 + n * t
+    normed = 0  # elements through a LayerNorm
+    for _ in model.blocks:
+        if model.attention_type == "joint_space_time":
+            total += _block(tokens, tokens, c, hidden)
+            normed += 2 * tokens
+        elif model.attention_type == "space_only":
+            total += t * _block(1 + n, 1 + n, c, hidden)
+            normed += 2 * t * (1 + n)
+        else:  # temporal qkv/proj/attention over T per location, temporal_fc, spatial per frame, MLP on all
+            total += 4 * n * t * c * c + 2 * n * t * t * c + n * t * c * c
+            total += t * (4 * (1 + n) * c * c + 2 * (1 + n) ** 2 * c) + 2 * tokens * c * hidden
+            normed += n * t + t * (1 + n) + tokens
+    normed += (1 + n) if model.attention_type == "space_only" else tokens
+    total += c * model.num_classes if model.num_classes > 0 else 0
+    return float(total + (5 * normed * c if layer_norms else 0))
+
+
+def _block(n_attn: int, n_mlp: int, dim: int, hidden: int) -> float:
+    return block_macs(torch.tensor(float(n_attn)), torch.tensor(float(n_mlp)), dim, hidden).item()
+
+
+class TemporalShift(nn.Module):
+    """XViT's space-time mixing (official temporal_shift.py): keys or values [R, heads, L, head_dim], R = clips x
+    `segments` consecutive frames. Over the concatenated heads (channel head * head_dim + j), channels [0, C/div)
+    come from the next frame of the segment and [C/div, 2C/div) from the previous one, zeros at the segment's ends;
+    every token (CLS included) is aligned by its sequence position."""
+
+    def __init__(self, segments: int, fold_div: int):
+        super().__init__()
+        self.segments, self.fold_div = segments, fold_div
+
+    def forward(self, x: Tensor) -> Tensor:
+        r, heads, length, d = x.shape
+        if r % self.segments:
+            raise ValueError(f"XViT's shift groups frames in segments of {self.segments} (XVIT.NUM_SEGMENTS), "
+                             f"but got {r} frames in the batch")
+        c = heads * d
+        fold = c // self.fold_div
+        x = x.transpose(1, 2).reshape(r // self.segments, self.segments, length, c)
+        zeros = x.new_zeros(x.shape[0], 1, length, fold)
+        out = torch.cat([torch.cat([x[:, 1:, :, :fold], zeros], dim=1),  # from frame t + 1
+                         torch.cat([zeros, x[:, :-1, :, fold:2 * fold]], dim=1),  # from frame t - 1
+                         x[..., 2 * fold:]], dim=-1)
+        return out.reshape(r, length, heads, d).transpose(1, 2)
+
+
+class FrameViT(VisionTransformer):
+    """XViT's backbone (official transformers/vit.py with make_temporal_shift): the image ViT on each frame, a
+    temporal embedding (1, F, 1, C) added to consecutive groups of F frames, and TemporalShift on the keys and
+    values of the blocks in `shift_blocks`. The stored pos_embed is for `img_size` (224 in the official files)
+    and is bicubic-resized by the grid ratio in every forward at another input size, as the official code does.
+    It has no classifier: the frame features go to the temporal head (the official head is a Dropout)."""
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
+                 depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 feature_drop_rate: float = 0.0, token_execution: str = "packed", num_frames: int = 8,
+                 segments: int = 8, shift_div: int = 8, shift_blocks: Sequence[int] = ()):
+        super().__init__(img_size, patch_size, in_chans, 0, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
+                         drop_rate, attn_drop_rate, drop_path_rate, feature_drop_rate, token_execution)
+        self.temp_embed = nn.Parameter(torch.zeros(1, num_frames, 1, embed_dim))
+        self.segments = segments
+        for i in shift_blocks:
+            if i < depth:  # the official configs list 0..14 for 12 blocks
+                self.blocks[i].attn.kv_mixing = TemporalShift(segments, shift_div)
+        trunc_normal_(self.cls_token, std=0.02)
+
+    def no_weight_decay(self):
+        return {"pos_embed", "cls_token", "temp_embed"}
+
+    def pos_embed_at(self, grid) -> Tensor:
+        """The positional embedding for a patch grid: the stored one, or its bicubic resize by the grid ratio."""
+        if tuple(grid) == tuple(self.patch_grid):
+            return self.pos_embed
+        return resize_pos_grid(self.pos_embed, grid, mode="bicubic", scale=grid[0] / self.patch_grid[0])
+
+    def embed(self, frames: Tensor) -> TokenBatch:
+        groups = self.temp_embed.shape[1]
+        if frames.shape[0] % groups or frames.shape[0] % self.segments:
+            raise ValueError(f"XViT groups the frames of a clip by {groups} (XVIT.NUM_FRAMES_EMBED) and "
+                             f"{self.segments} (XVIT.NUM_SEGMENTS): the clip length must be a multiple of both")
+        x = self.patch_embed(frames)
+        grid = tuple(int(s) // p for s, p in zip(frames.shape[-2:], self.patch_embed.patch_size))
+        x = self.pos_drop(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed_at(grid))
+        x = (x.reshape(-1, groups, *x.shape[1:]) + self.temp_embed).reshape(x.shape)
+        return TokenBatch.dense(x, self.token_execution, frames=groups)
+
+
+class TemporalHead(nn.Module):
+    """XViT's temporal aggregation (official VitHead): a CLS token (zero at start) and `depth` transformer blocks
+    (no qkv bias, LayerNorm eps 1e-5) over the frames' features, then LayerNorm-Linear-GELU-Dropout-Linear on the
+    CLS."""
+
+    def __init__(self, dim: int, num_heads: int, depth: int, mlp_dim: int, num_classes: int, dropout: float,
+                 hidden_dropout: float = 0.0, attention_dropout: float = 0.0):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.temporal_encoder = nn.ModuleList(
+            Block(dim, num_heads, 4.0, qkv_bias=False, drop=hidden_dropout, attn_drop=attention_dropout,
+                  drop_path=hidden_dropout, norm_eps=1e-5) for _ in range(depth))
+        self.mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout),
+                                      nn.Linear(mlp_dim, num_classes))
+        # torch's default initialisation, as the official VitHead (no trunc-normal 0.02 here: a head that small
+        # starts with near-constant logits and trains from scratch through a long plateau).
+
+    def forward(self, features: Tensor) -> Tensor:
+        x = torch.cat([self.cls_token.expand(features.shape[0], -1, -1), features], dim=1)
+        tokens = TokenBatch.dense(x)
+        for block in self.temporal_encoder:
+            tokens = block(tokens)
+        return self.mlp_head(tokens.x[:, 0])
+
+    def macs(self, frames: int) -> float:
+        dim = self.cls_token.shape[-1]
+        blocks = sum(_block(frames + 1, frames + 1, dim, b.mlp.fc1.out_features) for b in self.temporal_encoder)
+        hidden, classes = self.mlp_head[1].out_features, self.mlp_head[4].out_features
+        return blocks + dim * hidden + hidden * classes
+
+
+@MODEL_REGISTRY.register()
+class XViT(nn.Module):
+    """XViT (Bulat et al., NeurIPS 2021), official `XVIT` with CONSENSUS_TYPE 'vit' and USE_XVIT: FrameViT as
+    `base_model`, TemporalHead as `consensus`. Input clips [B, 3, T, H, W]."""
+
+    token_statistics: tuple = ()
+    takes_video = True
+
+    def __init__(self, base_model: FrameViT, consensus: TemporalHead):
+        super().__init__()
+        self.base_model, self.consensus = base_model, consensus
+        self.num_classes = consensus.mlp_head[4].out_features
+
+    @classmethod
+    def from_config(cls, cfg) -> "XViT":
+        v, x, h = cfg.VIT, cfg.XVIT, cfg.TEMPORAL_HEAD
+        base = FrameViT(img_size=x.POS_EMBED_IMG_SIZE, patch_size=v.PATCH_SIZE, in_chans=v.IN_CHANS,
+                        embed_dim=v.EMBED_DIM, depth=v.DEPTH, num_heads=v.NUM_HEADS, mlp_ratio=v.MLP_RATIO,
+                        qkv_bias=v.QKV_BIAS, drop_rate=v.DROP_RATE, attn_drop_rate=v.ATTN_DROP_RATE,
+                        drop_path_rate=v.DROP_PATH_RATE, feature_drop_rate=x.DROPOUT_RATE,
+                        token_execution=v.TOKEN_EXECUTION, num_frames=x.NUM_FRAMES_EMBED,
+                        segments=x.NUM_SEGMENTS, shift_div=x.SHIFT_DIV,
+                        shift_blocks=x.LOCATIONS_LIST if x.USE_XVIT else ())
+        head = TemporalHead(v.EMBED_DIM, h.NUM_ATTENTION_HEADS, h.NUM_HIDDEN_LAYERS, h.MLP_DIM, cfg.MODEL.NUM_CLASSES,
+                            x.DROPOUT_RATE, h.HIDDEN_DROPOUT_PROB, h.ATTENTION_PROBS_DROPOUT_PROB)
+        return cls(base, head)
+
+    def forward(self, video: Tensor) -> Tensor:
+        check_video(video, "XViT")
+        b, _, t = video.shape[:3]
+        self.last_clip_shape = tuple(int(s) for s in video.shape)
+        features = self.base_model(frames_of(video))  # [B * T, C], the frames' CLS features
+        return self.consensus(features.reshape(b, t, -1))
+
+    def macs_per_image(self) -> Tensor:
+        """[B] MACs per clip of the last forward: T frames through the backbone plus the temporal head (the shift
+        costs none)."""
+        b, _, t = self.last_clip_shape[:3]
+        frames = self.base_model.macs_per_image().reshape(b, t).sum(dim=1)
+        return frames + self.consensus.macs(t)
+
+    def adapt_official_state_dict(self, sd: Dict[str, Tensor], report) -> Dict[str, Tensor]:
+        """Official XViT files hold `new_fc.*`, a classifier the 'vit' consensus never uses: dropped and reported.
+        An ImageNet ViT / DeiT file goes into base_model (the official loader's fallback) without its head; the
+        temporal embedding and head then start from this model's initialisation when fine-tuning (reported),
+        and are missing keys otherwise."""
+        sd = dict(sd)
+        unused = sorted(k for k in sd if k.startswith("new_fc."))
+        for key in unused:
+            del sd[key]
+        if unused:
+            report.converted.append(f"{', '.join(unused)} dropped: the official XVIT keeps this classifier but "
+                                    "never uses it with CONSENSUS_TYPE vit")
+        if sd and not any(k.startswith(("base_model.", "consensus.")) for k in sd) and "cls_token" in sd:
+            dropped = sorted(k for k in sd if k.startswith(("head.", "pre_logits.", "head_dist.", "fc_norm.")))
+            sd = {f"base_model.{k}": v for k, v in sd.items() if k not in dropped}
+            report.converted.append("an image ViT put into base_model" + (f" without its classifier "
+                                    f"({', '.join(dropped)})" if dropped else ""))
+            if getattr(report, "fine_tuning", False):
+                own = self.state_dict()
+                new = [k for k in own if k not in sd]
+                sd.update({k: own[k] for k in new})
+                report.converted.append(f"newly initialised (not in the file): {', '.join(new)}")
+        return sd
+
+
+def add_video_config(cfg) -> None:
+    from fvcore.common.config import CfgNode
+
+    cfg.TIMESFORMER = CfgNode()
+    # divided_space_time (the paper's model), joint_space_time or space_only (official ATTENTION_TYPE).
+    cfg.TIMESFORMER.ATTENTION_TYPE = "divided_space_time"
+    # How an ImageNet checkpoint's pos_embed meets another patch count when inflated: "official" (1-D nearest
+    # over the flattened patches, what the official load_pretrained does) or "grid" (2-D resize of the grid).
+    cfg.TIMESFORMER.POS_EMBED_RESIZE = "official"
+
+    cfg.XVIT = CfgNode()
+    # The space-time mixing shift of keys and values (False: a per-frame ViT with the temporal head only).
+    cfg.XVIT.USE_XVIT = True
+    # Frames that shift together: consecutive groups of NUM_SEGMENTS frames (official K400/K600 configs: 8 with
+    # 16-frame clips, i.e. two independent halves; set it to DATA.NUM_FRAMES for one group per clip).
+    cfg.XVIT.NUM_SEGMENTS = 8
+    # 1 / SHIFT_DIV of the channels comes from the next frame, as many from the previous one.
+    cfg.XVIT.SHIFT_DIV = 8
+    # Blocks whose keys and values are shifted (indices past the depth are ignored: the configs list 0..14).
+    cfg.XVIT.LOCATIONS_LIST = list(range(15))
+    # Length of the temporal embedding (1, F, 1, C), added to consecutive groups of F frames (official: the
+    # backbone's default num_frames 8, whatever DATA.NUM_FRAMES).
+    cfg.XVIT.NUM_FRAMES_EMBED = 8
+    # The image size the stored pos_embed is laid out for (official: 224; resized bicubically in the forward).
+    cfg.XVIT.POS_EMBED_IMG_SIZE = 224
+    # Official MODEL.DROPOUT_RATE: dropout on the frame features and inside the head's MLP.
+    cfg.XVIT.DROPOUT_RATE = 0.5
+
+    cfg.TEMPORAL_HEAD = CfgNode()  # XViT's temporal aggregation transformer (official TEMPORAL_HEAD node)
+    cfg.TEMPORAL_HEAD.NUM_ATTENTION_HEADS = 12
+    cfg.TEMPORAL_HEAD.NUM_HIDDEN_LAYERS = 1
+    cfg.TEMPORAL_HEAD.MLP_DIM = 768
+    cfg.TEMPORAL_HEAD.HIDDEN_DROPOUT_PROB = 0.0
+    cfg.TEMPORAL_HEAD.ATTENTION_PROBS_DROPOUT_PROB = 0.0
+
+
+def validate_video_model_config(cfg) -> None:
+    from vitadapt.config import ConfigError
+
+    if cfg.MODEL.NAME not in ("TimeSformer", "XViT"):
+        return
+    if cfg.MIXUP.ENABLE and cfg.MIXUP.CUTMIX_ALPHA > 0:
+        raise ConfigError(f"MIXUP.CUTMIX_ALPHA must be 0 for the video model {cfg.MODEL.NAME}: timm's cutmix cuts "
+                          "boxes out of the last two dimensions of image batches, and clips are [B, C, T, H, W] "
+                          "(mixup alone, MIXUP.ALPHA, works on clips; XViT's recipe uses 0.4)")
+    if cfg.MODEL.NAME == "TimeSformer":
+        t = cfg.TIMESFORMER
+        if t.ATTENTION_TYPE not in ATTENTION_TYPES:
+            raise ConfigError(f"TIMESFORMER.ATTENTION_TYPE must be one of {', '.join(ATTENTION_TYPES)}, got "
+                              f"'{t.ATTENTION_TYPE}'")
+        if t.POS_EMBED_RESIZE not in POS_EMBED_RESIZES:
+            raise ConfigError(f"TIMESFORMER.POS_EMBED_RESIZE must be one of {', '.join(POS_EMBED_RESIZES)}, got "
+                              f"'{t.POS_EMBED_RESIZE}'")
+    if cfg.MODEL.NAME != "XViT":
+        return
+    x, h, frames = cfg.XVIT, cfg.TEMPORAL_HEAD, cfg.DATA.NUM_FRAMES
+    for key, value in (("XVIT.NUM_SEGMENTS", x.NUM_SEGMENTS), ("XVIT.NUM_FRAMES_EMBED", x.NUM_FRAMES_EMBED)):
+        if value < 1 or frames % value:
+            raise ConfigError(f"{key} ({value}) must divide DATA.NUM_FRAMES ({frames}): XViT groups the frames of "
+                              "a clip in consecutive runs of that length")
+    if x.SHIFT_DIV < 2:
+        raise ConfigError(f"XVIT.SHIFT_DIV must be >= 2 (two folds of C / SHIFT_DIV channels), got {x.SHIFT_DIV}")
+    if any(i < 0 for i in x.LOCATIONS_LIST):
+        raise ConfigError(f"XVIT.LOCATIONS_LIST holds block indices >= 0, got {list(x.LOCATIONS_LIST)}")
+    if cfg.VIT.EMBED_DIM % h.NUM_ATTENTION_HEADS:
+        raise ConfigError(f"TEMPORAL_HEAD.NUM_ATTENTION_HEADS ({h.NUM_ATTENTION_HEADS}) must divide VIT.EMBED_DIM "
+                          f"({cfg.VIT.EMBED_DIM})")
+    if x.POS_EMBED_IMG_SIZE % cfg.VIT.PATCH_SIZE:
+        raise ConfigError(f"XVIT.POS_EMBED_IMG_SIZE ({x.POS_EMBED_IMG_SIZE}) must be a multiple of VIT.PATCH_SIZE")
+
+
+register_config("VIDEO_MODELS", add_video_config, validate_video_model_config, types={"XVIT.LOCATIONS_LIST": [int]})
