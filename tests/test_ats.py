@@ -630,7 +630,7 @@ def test_flops_per_image(golden_dev):
 # 8. Config
 # ==============================================================================================================
 
-_ATS_YAMLS = sorted((H.REPO / "configs").rglob("ATS_*.yaml"))
+_ATS_YAMLS = sorted((H.REPO / "configs" / "ImageNet").rglob("ATS_*.yaml"))  # video ones: test_video_models.py
 _YAML_PARAMS = [pytest.param(p, id=p.name) for p in _ATS_YAMLS] or [
     pytest.param(None, id="none", marks=pytest.mark.skip(reason="no configs/**/ATS_*.yaml yet"))]
 

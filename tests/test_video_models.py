@@ -374,7 +374,7 @@ def layer_norm_elements_timesformer(attention, n, t, depth=2):
     if attention == "joint_space_time":
         return depth * 2 * (1 + n * t) + (1 + n * t)
     if attention == "space_only":
-        return depth * 2 * t * (1 + n) + (1 + n)  # the final norm after the mean over frames
+        return depth * 2 * t * (1 + n) + 1  # the final norm on the frames' mean CLS (it is per token)
     return depth * (n * t + t * (1 + n) + (1 + n * t)) + (1 + n * t)
 
 
@@ -452,14 +452,16 @@ KINETICS_CONFIGS = sorted(glob.glob(str(h.REPO / "configs" / "Kinetics" / "*.yam
 @pytest.mark.parametrize("path", KINETICS_CONFIGS, ids=[os.path.basename(p) for p in KINETICS_CONFIGS])
 def test_kinetics_configs_load_and_build(path):
     cfg = load_config(path, ["NUM_GPUS", "0"])
-    assert cfg.MODEL.NAME in ("TimeSformer", "XViT")
+    name = os.path.basename(path)
+    method = name.split("_")[0] if name.startswith(("ATS_", "EViT_")) else ""
+    assert cfg.MODEL.NAME in ("TimeSformer", "XViT") or cfg.MODEL.NAME in (f"{method}TimeSformer", f"{method}XViT")
     shape = input_shape(cfg, batch=2)
     assert len(shape) == 5 and shape == (2, cfg.VIT.IN_CHANS, cfg.DATA.NUM_FRAMES, cfg.DATA.TEST_CROP_SIZE,
                                          cfg.DATA.TEST_CROP_SIZE)
     # Built with one block instead of 12 (about 3 s per ViT-B on 2 CPU cores); every other key is the config's.
-    model = build_model(load_config(path, ["NUM_GPUS", "0", "VIT.DEPTH", "1"]))
+    one_block = ["VIT.DEPTH", "1"] + {"ATS": ["ATS.BLOCKS", "[0]"], "EViT": ["EVIT.LOCATIONS", "[0]"]}.get(method, [])
+    model = build_model(load_config(path, ["NUM_GPUS", "0"] + one_block))
     assert isinstance(model, (TimeSformer, XViT)) and model.num_classes == cfg.MODEL.NUM_CLASSES
-    name = os.path.basename(path)
     if isinstance(model, TimeSformer):
         assert model.embed_dim == cfg.VIT.EMBED_DIM and model.patch_grid == (cfg.DATA.TEST_CROP_SIZE // 16,) * 2
         if model.attention_type != "space_only":

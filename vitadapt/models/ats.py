@@ -30,6 +30,7 @@ from vitadapt.config import register_config
 
 from .build import MODEL_REGISTRY
 from .tokens import TokenAdapter, TokenBatch
+from .video import FrameViT, TimeSformer, XViT, check_undivided
 from .vit import VisionTransformer, vit_kwargs
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,57 @@ class ATSVisionTransformer(VisionTransformer):
         return logits
 
 
+# ------------------------------------------------------------------ ATS on video (spec video.md 3.4)
+def ats_kwargs(cfg) -> dict:
+    return dict(ats_blocks=cfg.ATS.BLOCKS, budgets=cfg.ATS.BUDGETS, score_padding=cfg.ATS.SCORE_PADDING)
+
+
+@MODEL_REGISTRY.register()
+class ATSTimeSformer(ATSVisionTransformer, TimeSformer):
+    """ATS on TimeSformer, the same sampler in the same blocks:
+    - joint space-time attention: one sequence per clip, so ATS is the image algorithm on the flattened 1 + N * T
+      tokens, the single CLS scoring all of them and M = N * T inverse-transform samples;
+    - space only: one sequence per frame, so each frame's CLS scores its own N tokens (M = N per frame) and every
+      frame keeps its own count; the frames' CLS tokens are averaged at the end, as the official head does.
+    A clip's tokens never depend on its batch-mates (ATS.SCORE_PADDING none). Divided space-time attention needs
+    the [B, N, T] grid in every block and is refused here."""
+
+    def __init__(self, **kwargs):
+        check_undivided("ATS", kwargs.get("attention_type"))
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_config(cls, cfg) -> "ATSTimeSformer":
+        return cls(**ats_kwargs(cfg), **TimeSformer.config_kwargs(cfg))
+
+    def adapt_official_state_dict(self, sd: dict, report) -> dict:
+        """TimeSformer's conversions (prefix, inflation), then ATS's (official files' out_zero_mask)."""
+        return ATSVisionTransformer.adapt_official_state_dict(self, TimeSformer.adapt_official_state_dict(
+            self, sd, report), report)
+
+
+class ATSFrameViT(ATSVisionTransformer, FrameViT):
+    """XViT's per-frame backbone with ATS: the image algorithm on the B * T frames, each frame's CLS scoring its
+    own tokens (what the ATS code, built on XViT's, does). The key/value shift then aligns tokens by their
+    original position, so a dropped neighbour contributes zeros (TemporalShift)."""
+
+
+@MODEL_REGISTRY.register()
+class ATSXViT(XViT):
+    """ATS on XViT (ATSFrameViT as the backbone, the temporal head unchanged); loads XViT checkpoints."""
+
+    frame_model = ATSFrameViT
+    frame_model_kwargs = staticmethod(ats_kwargs)
+
+    def forward(self, video: Tensor) -> Tensor:
+        logits = super().forward(video)
+        self.last_num_kept = self.base_model.last_num_kept  # [stages, B * T], per frame
+        return logits
+
+
+ATS_MODELS = ("ATSVisionTransformer", "ATSTimeSformer", "ATSXViT")
+
+
 def add_ats_config(cfg) -> None:
     from fvcore.common.config import CfgNode
 
@@ -186,9 +238,14 @@ def add_ats_config(cfg) -> None:
 def validate_ats_config(cfg) -> None:
     from vitadapt.config import ConfigError
 
-    if cfg.MODEL.NAME != "ATSVisionTransformer":
+    if cfg.MODEL.NAME not in ATS_MODELS:
         return
     a = cfg.ATS
+    if cfg.MODEL.NAME == "ATSTimeSformer":
+        try:
+            check_undivided("ATS", cfg.TIMESFORMER.ATTENTION_TYPE)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if any(not 0 <= b < cfg.VIT.DEPTH for b in a.BLOCKS) or len(set(a.BLOCKS)) != len(a.BLOCKS):
         raise ConfigError(f"ATS.BLOCKS {list(a.BLOCKS)} must be distinct block indices in [0, VIT.DEPTH={cfg.VIT.DEPTH})")
     if len(a.BUDGETS) not in (1, len(a.BLOCKS)):

@@ -23,6 +23,7 @@ from vitadapt.config import register_config
 
 from .build import MODEL_REGISTRY
 from .tokens import TokenAdapter, TokenBatch
+from .video import FrameViT, TimeSformer, XViT, check_undivided
 from .vit import VisionTransformer, vit_kwargs
 
 # Original id given to a fused token (0 is CLS, 1 + k patch k, -1 "no token" in padded id maps).
@@ -115,6 +116,49 @@ class EViTVisionTransformer(VisionTransformer):
                                         self.shrink_start_epoch, self.shrink_epochs))
 
 
+# ------------------------------------------------------------------ EViT on video
+def evit_kwargs(cfg) -> dict:
+    e = cfg.EVIT
+    return dict(keep_rate=e.KEEP_RATE, locations=e.LOCATIONS, fuse_token=e.FUSE_TOKEN,
+                shrink_start_epoch=e.SHRINK_START_EPOCH, shrink_epochs=e.SHRINK_EPOCHS)
+
+
+@MODEL_REGISTRY.register()
+class EViTTimeSformer(EViTVisionTransformer, TimeSformer):
+    """EViT on TimeSformer. Its decision is the CLS attention, so it follows the CLS: with joint space-time
+    attention one CLS attends over the whole clip and EViT keeps the top keep-rate of all N * T patch tokens
+    (fusing the rest into one token), so a clip may keep more of its busy frames; with space-only attention each
+    frame's CLS keeps the top keep-rate of that frame's N patches. Divided attention needs the full [B, N, T]
+    grid in every block and is refused."""
+
+    def __init__(self, **kwargs):
+        check_undivided("EViT", kwargs.get("attention_type"))
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_config(cls, cfg) -> "EViTTimeSformer":
+        return cls(**evit_kwargs(cfg), **TimeSformer.config_kwargs(cfg))
+
+
+class EViTFrameViT(EViTVisionTransformer, FrameViT):
+    """XViT's per-frame backbone with EViT: each frame's CLS keeps the frame's most attended patches. The
+    key/value shift aligns tokens by position; the fused token has none and takes zeros from its neighbours."""
+
+
+@MODEL_REGISTRY.register()
+class EViTXViT(XViT):
+    """EViT on XViT (EViTFrameViT as the backbone, the temporal head unchanged); loads XViT checkpoints."""
+
+    frame_model = EViTFrameViT
+    frame_model_kwargs = staticmethod(evit_kwargs)
+
+    def set_progress(self, epoch: int, iteration: int, iters_per_epoch: int) -> None:
+        self.base_model.set_progress(epoch, iteration, iters_per_epoch)
+
+
+EVIT_MODELS = ("EViTVisionTransformer", "EViTTimeSformer", "EViTXViT")
+
+
 def add_evit_config(cfg) -> None:
     from fvcore.common.config import CfgNode
 
@@ -136,9 +180,14 @@ def validate_evit_config(cfg) -> None:
 
     from vitadapt.config import ConfigError
 
-    if cfg.MODEL.NAME != "EViTVisionTransformer":
+    if cfg.MODEL.NAME not in EVIT_MODELS:
         return
     e = cfg.EVIT
+    if cfg.MODEL.NAME == "EViTTimeSformer":
+        try:
+            check_undivided("EViT", cfg.TIMESFORMER.ATTENTION_TYPE)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if not 0 < e.KEEP_RATE <= 1:
         raise ConfigError(f"EVIT.KEEP_RATE must be in (0, 1], got {e.KEEP_RATE}")
     if any(not 0 <= b < cfg.VIT.DEPTH for b in e.LOCATIONS) or len(set(e.LOCATIONS)) != len(e.LOCATIONS):

@@ -21,13 +21,14 @@ def sharpen_(model: nn.Module, seed: int = 1, qk_gain: float = 1.25, token_std: 
         t.copy_(torch.randn(t.shape, generator=g) * std)
 
     for name, p in model.named_parameters():
-        if name in ("cls_token", "pos_embed"):
+        # Embeddings also under a prefix (XViT's base_model., its head's consensus.cls_token) and the video ones.
+        if name.rsplit(".", 1)[-1] in ("cls_token", "pos_embed", "time_embed", "temp_embed"):
             normal(p, token_std)
         elif p.ndim >= 2:  # linear and patch-embedding weights: unit-variance outputs
             normal(p, p[0].numel() ** -0.5)
             if name.endswith("attn.qkv.weight"):
                 p[: 2 * p.shape[1]] *= qk_gain  # sharper q.k logits
-        elif name.endswith((".norm1.weight", ".norm2.weight", "norm.weight")):
+        elif name.endswith((".norm1.weight", ".norm2.weight", "norm.weight", "mlp_head.0.weight")):
             p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
         else:
             normal(p, 0.02)

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from vitadapt.config import register_config
 
 from .build import MODEL_REGISTRY
-from .flops import block_macs
+from .flops import block_macs, vit_macs
 from .tokens import TokenBatch
 from .vit import Attention, Block, VisionTransformer, _init_linear_and_norm, vit_kwargs
 
@@ -135,9 +135,13 @@ class TimeSformer(VisionTransformer):
 
     @classmethod
     def from_config(cls, cfg) -> "TimeSformer":
+        return cls(**cls.config_kwargs(cfg))
+
+    @staticmethod
+    def config_kwargs(cfg) -> dict:
         t = cfg.TIMESFORMER
-        return cls(**vit_kwargs(cfg), num_frames=cfg.DATA.NUM_FRAMES, attention_type=t.ATTENTION_TYPE,
-                   pos_resize=t.POS_EMBED_RESIZE)
+        return dict(vit_kwargs(cfg), num_frames=cfg.DATA.NUM_FRAMES, attention_type=t.ATTENTION_TYPE,
+                    pos_resize=t.POS_EMBED_RESIZE)
 
     def init_weights(self) -> None:
         """The official initialisation: trunc-normal(.02) pos_embed, cls_token and Linear weights; time_embed and
@@ -174,9 +178,17 @@ class TimeSformer(VisionTransformer):
         tokens = self.embed(video)
         for block in self.blocks:
             tokens = block(tokens)
-        if self.attention_type == "space_only":  # the frames' sequences averaged, then the final norm
-            x = tokens.x.reshape(-1, tokens.frames, *tokens.x.shape[1:]).mean(dim=1)
-            tokens = TokenBatch.dense(x, self.token_execution, frames=tokens.frames)
+        # Live tokens at every plain block, [sequences, depth, 2] (joint: one row per clip, space only: per frame),
+        # and per clip (last_token_counts, what the engine's statistics read).
+        counts = tokens.counts_per_block().detach() if tokens.token_counts else None
+        self.last_sequence_token_counts = counts
+        rows = tokens.frames if self.attention_type == "space_only" else 1  # sequences per clip
+        self.last_token_counts = None if counts is None else counts.reshape(-1, rows, *counts.shape[1:]).sum(dim=1)
+        if self.attention_type == "space_only":
+            # Official: the frames' sequences averaged, the final norm, then the CLS. The norm works per token, so
+            # the frames' CLS tokens averaged are all it needs (whatever tokens a method left in each frame).
+            cls = tokens.cls_tokens().reshape(-1, tokens.frames, tokens.x.shape[-1]).mean(dim=1)
+            tokens = TokenBatch.dense(cls[:, None], self.token_execution, frames=tokens.frames)
         return tokens.replace(x=self.norm(tokens.x))
 
     def forward(self, video: Tensor) -> Tensor:
@@ -184,12 +196,21 @@ class TimeSformer(VisionTransformer):
         return self.forward_head(self.forward_features(video))
 
     def macs_per_image(self, layer_norms: bool = False) -> Tensor:
-        """[B] MACs per clip of the last forward (every clip costs the same). `layer_norms` adds fvcore's 5 per
-        normalised element, the convention of the official FLOPs figures (spec video.md 1.8)."""
+        """[B] MACs per clip of the last forward, from the tokens each block saw (joint, space only; divided
+        attention runs every token). `layer_norms` adds fvcore's 5 per normalised element, the convention of the
+        official FLOPs figures (spec video.md 1.8)."""
         b, _, t, h, w = self.last_clip_shape
-        p = self.patch_embed.patch_size
-        n = (h // p[0]) * (w // p[1])
-        return torch.full((b,), timesformer_macs(self, n, t, layer_norms), dtype=torch.float64)
+        if self.attention_type == "divided_space_time":
+            p = self.patch_embed.patch_size
+            n = (h // p[0]) * (w // p[1])
+            return torch.full((b,), timesformer_macs(self, n, t, layer_norms), dtype=torch.float64)
+        counts, c = self.last_sequence_token_counts, self.embed_dim
+        head = c * self.num_classes if self.num_classes > 0 else 0
+        # Per sequence: patch embedding and blocks (vit_macs counts one head per sequence), norm1 / norm2 inputs.
+        macs = vit_macs(self, counts) - head + (5 * c * counts.sum(dim=(1, 2)).double() if layer_norms else 0)
+        if self.attention_type == "space_only":
+            return macs.reshape(b, t).sum(dim=1) + head + (5 * c if layer_norms else 0)  # final norm: the CLS
+        return macs + head + (5 * c * counts[:, -1, 1].double() if layer_norms else 0)
 
     # ------------------------------------------------------------------ checkpoints
     def adapt_official_state_dict(self, sd: Dict[str, Tensor], report) -> Dict[str, Tensor]:
@@ -240,6 +261,14 @@ class TimeSformer(VisionTransformer):
         return sd  # "grid": adapt_vit_state_dict resamples the 2-D grid afterwards
 
 
+def check_undivided(method: str, attention_type: str) -> None:
+    """A token method whose decision needs one sequence per clip or per frame refuses divided attention, whose
+    blocks reshape the full [B, N, T] grid (spec video.md 3.4 designs it; vitadapt does not have it yet)."""
+    if attention_type == "divided_space_time":
+        raise ValueError(f"{method} on TimeSformer runs with TIMESFORMER.ATTENTION_TYPE joint_space_time or "
+                         "space_only; divided space-time attention is not supported yet")
+
+
 def timesformer_macs(model: TimeSformer, n: int, t: int, layer_norms: bool = False) -> float:
     """MACs of one clip of T frames with N patches each (fvcore's convention: one multiply-add = 1)."""
     c = model.embed_dim
@@ -259,7 +288,7 @@ def timesformer_macs(model: TimeSformer, n: int, t: int, layer_norms: bool = Fal
             total += 4 * n * t * c * c + 2 * n * t * t * c + n * t * c * c
             total += t * (4 * (1 + n) * c * c + 2 * (1 + n) ** 2 * c) + 2 * tokens * c * hidden
             normed += n * t + t * (1 + n) + tokens
-    normed += (1 + n) if model.attention_type == "space_only" else tokens
+    normed += 1 if model.attention_type == "space_only" else tokens  # space only: the frames' mean CLS
     total += c * model.num_classes if model.num_classes > 0 else 0
     return float(total + (5 * normed * c if layer_norms else 0))
 
@@ -272,17 +301,40 @@ class TemporalShift(nn.Module):
     """XViT's space-time mixing (official temporal_shift.py): keys or values [R, heads, L, head_dim], R = clips x
     `segments` consecutive frames. Over the concatenated heads (channel head * head_dim + j), channels [0, C/div)
     come from the next frame of the segment and [C/div, 2C/div) from the previous one, zeros at the segment's ends;
-    every token (CLS included) is aligned by its sequence position."""
+    every token (CLS included) takes them from the token at its own position in the neighbouring frame.
+
+    Position means the original patch (TokenBatch.ids), so the shift stays right when a method drops or reorders
+    tokens per frame: a neighbour that is not there (dropped, or a token made by a method, such as EViT's fused
+    one) gives zeros, as the official zero padding does at the ends of a segment."""
 
     def __init__(self, segments: int, fold_div: int):
         super().__init__()
         self.segments, self.fold_div = segments, fold_div
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, tokens: Optional[TokenBatch] = None) -> Tensor:
         r, heads, length, d = x.shape
         if r % self.segments:
             raise ValueError(f"XViT's shift groups frames in segments of {self.segments} (XVIT.NUM_SEGMENTS), "
                              f"but got {r} frames in the batch")
+        if tokens is None or (tokens.keep is None and not tokens.is_packed and length == tokens.num_initial
+                              and bool((tokens.ids == torch.arange(length, device=x.device)).all())):
+            return self.shift(x)  # every token at its own position: shift the sequence as it is
+        # Tokens by original position: scatter into the full grid, shift it, read every token's position back.
+        ids, live = tokens.padded(tokens.ids), tokens.live_mask()
+        live = live & (ids >= 0) & (ids < tokens.num_initial)
+        slot = torch.where(live, ids, tokens.num_initial)  # dead slots and made-up tokens go to a spare column
+        grid = x.new_zeros(r, heads, tokens.num_initial + 1, d)
+        grid.scatter_(2, slot[:, None, :, None].expand(-1, heads, -1, d), x * live[:, None, :, None])
+        grid[:, :, -1] = 0
+        shifted = self.shift(grid)
+        own = x.transpose(1, 2).reshape(r, length, -1)  # the unshifted channels stay the token's own
+        out = shifted.gather(2, slot[:, None, :, None].expand(-1, heads, -1, d)).transpose(1, 2).reshape(r, length, -1)
+        fold = heads * d // self.fold_div
+        out = torch.cat([out[..., :2 * fold], own[..., 2 * fold:]], dim=-1)
+        return out.reshape(r, length, heads, d).transpose(1, 2)
+
+    def shift(self, x: Tensor) -> Tensor:
+        r, heads, length, d = x.shape
         c = heads * d
         fold = c // self.fold_div
         x = x.transpose(1, 2).reshape(r // self.segments, self.segments, length, c)
@@ -371,8 +423,13 @@ class XViT(nn.Module):
     """XViT (Bulat et al., NeurIPS 2021), official `XVIT` with CONSENSUS_TYPE 'vit' and USE_XVIT: FrameViT as
     `base_model`, TemporalHead as `consensus`. Input clips [B, 3, T, H, W]."""
 
-    token_statistics: tuple = ()
     takes_video = True
+    # The per-frame backbone: a method on XViT (ATSXViT, ...) names its own FrameViT subclass and arguments.
+    frame_model = FrameViT
+
+    @staticmethod
+    def frame_model_kwargs(cfg) -> dict:
+        return {}
 
     def __init__(self, base_model: FrameViT, consensus: TemporalHead):
         super().__init__()
@@ -382,13 +439,13 @@ class XViT(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "XViT":
         v, x, h = cfg.VIT, cfg.XVIT, cfg.TEMPORAL_HEAD
-        base = FrameViT(img_size=x.POS_EMBED_IMG_SIZE, patch_size=v.PATCH_SIZE, in_chans=v.IN_CHANS,
+        base = cls.frame_model(img_size=x.POS_EMBED_IMG_SIZE, patch_size=v.PATCH_SIZE, in_chans=v.IN_CHANS,
                         embed_dim=v.EMBED_DIM, depth=v.DEPTH, num_heads=v.NUM_HEADS, mlp_ratio=v.MLP_RATIO,
                         qkv_bias=v.QKV_BIAS, drop_rate=v.DROP_RATE, attn_drop_rate=v.ATTN_DROP_RATE,
                         drop_path_rate=v.DROP_PATH_RATE, feature_drop_rate=x.DROPOUT_RATE,
                         token_execution=v.TOKEN_EXECUTION, num_frames=x.NUM_FRAMES_EMBED,
                         segments=x.NUM_SEGMENTS, shift_div=x.SHIFT_DIV,
-                        shift_blocks=x.LOCATIONS_LIST if x.USE_XVIT else ())
+                        shift_blocks=x.LOCATIONS_LIST if x.USE_XVIT else (), **cls.frame_model_kwargs(cfg))
         head = TemporalHead(v.EMBED_DIM, h.NUM_ATTENTION_HEADS, h.NUM_HIDDEN_LAYERS, h.MLP_DIM, cfg.MODEL.NUM_CLASSES,
                             x.DROPOUT_RATE, h.HIDDEN_DROPOUT_PROB, h.ATTENTION_PROBS_DROPOUT_PROB)
         return cls(base, head)
@@ -399,6 +456,18 @@ class XViT(nn.Module):
         self.last_clip_shape = tuple(int(s) for s in video.shape)
         features = self.base_model(frames_of(video))  # [B * T, C], the frames' CLS features
         return self.consensus(features.reshape(b, t, -1))
+
+    @property
+    def token_statistics(self) -> tuple:
+        return self.base_model.token_statistics
+
+    @property
+    def last_token_counts(self) -> Optional[Tensor]:
+        """[B, depth, 2] live tokens per clip (its frames together) at every block of the last forward."""
+        counts = getattr(self.base_model, "last_token_counts", None)
+        if counts is None:
+            return None
+        return counts.reshape(self.last_clip_shape[0], -1, *counts.shape[1:]).sum(dim=1)
 
     def macs_per_image(self) -> Tensor:
         """[B] MACs per clip of the last forward: T frames through the backbone plus the temporal head (the shift
@@ -471,13 +540,13 @@ def add_video_config(cfg) -> None:
 def validate_video_model_config(cfg) -> None:
     from vitadapt.config import ConfigError
 
-    if cfg.MODEL.NAME not in ("TimeSformer", "XViT"):
+    if not getattr(MODEL_REGISTRY.get(cfg.MODEL.NAME), "takes_video", False):
         return
     if cfg.MIXUP.ENABLE and cfg.MIXUP.CUTMIX_ALPHA > 0:
         raise ConfigError(f"MIXUP.CUTMIX_ALPHA must be 0 for the video model {cfg.MODEL.NAME}: timm's cutmix cuts "
                           "boxes out of the last two dimensions of image batches, and clips are [B, C, T, H, W] "
                           "(mixup alone, MIXUP.ALPHA, works on clips; XViT's recipe uses 0.4)")
-    if cfg.MODEL.NAME == "TimeSformer":
+    if issubclass(MODEL_REGISTRY.get(cfg.MODEL.NAME), TimeSformer):
         t = cfg.TIMESFORMER
         if t.ATTENTION_TYPE not in ATTENTION_TYPES:
             raise ConfigError(f"TIMESFORMER.ATTENTION_TYPE must be one of {', '.join(ATTENTION_TYPES)}, got "
@@ -485,7 +554,7 @@ def validate_video_model_config(cfg) -> None:
         if t.POS_EMBED_RESIZE not in POS_EMBED_RESIZES:
             raise ConfigError(f"TIMESFORMER.POS_EMBED_RESIZE must be one of {', '.join(POS_EMBED_RESIZES)}, got "
                               f"'{t.POS_EMBED_RESIZE}'")
-    if cfg.MODEL.NAME != "XViT":
+    if not issubclass(MODEL_REGISTRY.get(cfg.MODEL.NAME), XViT):
         return
     x, h, frames = cfg.XVIT, cfg.TEMPORAL_HEAD, cfg.DATA.NUM_FRAMES
     for key, value in (("XVIT.NUM_SEGMENTS", x.NUM_SEGMENTS), ("XVIT.NUM_FRAMES_EMBED", x.NUM_FRAMES_EMBED)):

@@ -29,8 +29,8 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        # A backbone's change of the keys and values before attention ([B, heads, N, head_dim] each, padded
-        # layout), e.g. XViT's space-time mixing shift; None leaves them as computed.
+        # A backbone's change of the keys and values before attention, kv_mixing(k or v [B, heads, N, head_dim] in
+        # the padded layout, tokens), e.g. XViT's space-time mixing shift; None leaves them as computed.
         self.kv_mixing: Optional[nn.Module] = None
         # False: explicit softmax(Q K^T * scale) V (VIT.FUSED_ATTENTION), the official code's order of operations.
         self.fused = True
@@ -44,7 +44,7 @@ class Attention(nn.Module):
         c = c3 // 3
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         if self.kv_mixing is not None:
-            k, v = self.kv_mixing(k), self.kv_mixing(v)
+            k, v = self.kv_mixing(k, tokens), self.kv_mixing(v, tokens)
         key_mask = tokens.key_mask()
         bias = adapter.attention_bias(tokens) if adapter is not None else None
         if not self.fused or (adapter is not None and adapter.records_attention_logits):
