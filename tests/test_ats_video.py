@@ -8,6 +8,7 @@ official checkpoints. The goldens live in <repo>/../shared/golden/video (VITADAP
 that need them skip when they are absent. Tiny models: embed 48, 3 heads, depth 4, 64 px / patch 16, 4 frames.
 """
 
+import collections
 import os
 from pathlib import Path
 
@@ -375,11 +376,17 @@ def test_macs_per_clip(kind, monkeypatch):
 
 
 # ============================================================================================ 7. config
-def test_ats_timesformer_divided_refused():
-    with pytest.raises(ConfigError, match="TIMESFORMER.ATTENTION_TYPE"):
-        load_config("", opts("ATSTimeSformer", "TIMESFORMER.ATTENTION_TYPE", "divided_space_time"))
-    for attention in ("joint_space_time", "space_only"):
-        load_config("", opts("ATSTimeSformer", "TIMESFORMER.ATTENTION_TYPE", attention))
+@pytest.mark.parametrize("name, extra", [("ATSXViT", kind_opts("xvit")[1]),
+                                         ("ATSTimeSformer", ["TIMESFORMER.ATTENTION_TYPE", "space_only"])])
+def test_space_time_sampling_refused_where_frames_are_separate_sequences(name, extra):
+    with pytest.raises(ConfigError, match="ATS.VIDEO_SAMPLING"):
+        load_config("", opts(name, *extra, "ATS.VIDEO_SAMPLING", "space_time"))
+    with pytest.raises(ConfigError, match="ATS.VIDEO_SAMPLING"):
+        load_config("", opts(name, *extra, "ATS.VIDEO_SAMPLING", "per_clip"))
+    load_config("", opts(name, *extra, "ATS.VIDEO_SAMPLING", "per_frame"))
+    for attention in ("joint_space_time", "divided_space_time"):  # one sequence spans the clip: both are fine
+        load_config("", opts("ATSTimeSformer", "TIMESFORMER.ATTENTION_TYPE", attention, "ATS.VIDEO_SAMPLING",
+                             "space_time"))
 
 
 @pytest.mark.parametrize("blocks", [(DEPTH,), (-1,), (1, 1)])
@@ -427,3 +434,167 @@ def test_official_xvit_file_into_ats(tmp_path, blocks):
         assert torch.equal(target.state_dict()[k], v), k
     if not blocks:
         torch.testing.assert_close(target(video), source(video), atol=1e-6, rtol=0)
+
+
+def test_ats_demo_config_reads_the_dense_demos_last_checkpoint():
+    """configs/demo/ATS_XViT_motion.yaml evaluates, off the shelf, the checkpoint `make video-demo` leaves: the dense
+    demo's OUTPUT_DIR and last epoch."""
+    dense = load_config(str(REPO / "configs" / "demo" / "XViT_motion.yaml"), [])
+    ats = load_config(str(REPO / "configs" / "demo" / "ATS_XViT_motion.yaml"), [])
+    expected = os.path.join(dense.OUTPUT_DIR, "checkpoints", f"checkpoint_epoch_{dense.SOLVER.MAX_EPOCH:05d}.pyth")
+    assert ats.TEST.CHECKPOINT_FILE_PATH == expected
+    assert ats.MODEL.NAME == "ATSXViT" and not ats.TRAIN.ENABLE
+    model = build_model(ats)
+    assert set(model.state_dict()) == set(build_model(dense).state_dict())  # parameter-free: the dense weights fit
+
+
+# ============================================================================================ 9. divided attention
+SAMPLINGS = ("per_frame", "space_time")
+
+
+def build_divided(sampling, *extra, blocks=(1, 2, 3), execution="packed", sharpen=True):
+    torch.manual_seed(0)
+    model = build_model(load_config("", opts("ATSTimeSformer", "TIMESFORMER.ATTENTION_TYPE", "divided_space_time",
+                                             "ATS.VIDEO_SAMPLING", sampling, *extra, blocks=blocks,
+                                             execution=execution))).eval()
+    return sharpened(model) if sharpen else model
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+@torch.no_grad()
+def test_divided_keep_all_equals_golden(sampling, monkeypatch):
+    """A sampler that keeps every token turns on the masked divided path (a keep mask in every later block) and
+    must still give the official divided TimeSformer's logits."""
+    from vitadapt.parity import _timesformer_opts
+
+    path = GOLDEN_DIR / "golden_timesformer_dev.pt"
+    if not path.is_file():
+        pytest.skip(f"golden file {path} not found (set VITADAPT_GOLDEN_DIR to the shared/golden folder)")
+    golden = torch.load(path, map_location="cpu", weights_only=False)
+    o = _timesformer_opts(golden["config"])
+    o[o.index("MODEL.NAME") + 1] = "ATSTimeSformer"
+    model = build_model(load_config("", o + ["NUM_GPUS", "0", "ATS.VIDEO_SAMPLING", sampling,
+                                             "ATS.BLOCKS", str(list(range(DEPTH)))])).eval()
+    model.load_state_dict(golden["state_dict"], strict=True)
+    calls, seen = [], []
+    monkeypatch.setattr(AdaptiveTokenSampler, "sample", keep_all_reordered(calls))
+    model.blocks[1].register_forward_pre_hook(lambda m, args: seen.append(args[0].keep))
+    torch.testing.assert_close(model(golden["input"]), golden["logits"], atol=ATOL, rtol=ATOL)
+    assert len(calls) == DEPTH and seen[0] is not None and bool(seen[0].all())
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+@torch.no_grad()
+def test_divided_dropped_tokens_are_frozen_and_no_key(sampling):
+    """After ATS in block 1, a dropped token: keeps its value through blocks 2 and 3 (no update), never comes back,
+    and is no key: noise put on the dropped tokens before block 2 changes neither the live tokens nor the logits."""
+    model = build_divided(sampling, blocks=(1,))
+    video = clips()
+    io = []
+    hooks = [model.blocks[i].register_forward_hook(lambda m, args, out: io.append((args[0], out))) for i in (2, 3)]
+    logits = model(video)
+    for block_in, block_out in io:
+        dropped = ~block_in.keep
+        assert dropped.any()
+        assert torch.equal(block_out.x[dropped], block_in.x[dropped])
+        assert not (block_out.keep & dropped).any()
+    for h in hooks:
+        h.remove()
+
+    def noise(module, args):
+        tokens = args[0]
+        return (tokens.replace(x=tokens.x + 10.0 * (~tokens.keep)[..., None] * torch.randn_like(tokens.x)),)
+
+    live_out = io[0][1].x[io[0][1].keep]
+    after = []
+    model.blocks[2].register_forward_pre_hook(noise)
+    model.blocks[2].register_forward_hook(lambda m, args, out: after.append(out))
+    noisy = model(video)
+    assert diff(after[0].x[after[0].keep], live_out) <= ATOL
+    assert diff(noisy, logits) <= ATOL
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+@torch.no_grad()
+def test_divided_each_clip_alone_equals_batched(sampling):
+    model = build_divided(sampling)
+    video = clips()
+    batched, counts = model(video), model.last_token_counts.clone()
+    alone = torch.cat([model(video[i:i + 1]) for i in range(video.shape[0])])
+    assert diff(batched, alone) <= ATOL
+    model(video)
+    assert torch.equal(model.last_token_counts, counts) and len(set(counts[:, -1, 1].tolist())) > 1
+
+
+@torch.no_grad()
+def test_divided_sampling_scopes():
+    """per_frame samples B * T sequences of 1 + N tokens (ids 0..N), each frame at most N patches; space_time samples
+    B sequences over the clip's 1 + N * T tokens (M = N * T): its kept patches spread unevenly over the frames."""
+    video = clips()
+    frame = build_divided("per_frame")
+    frame(video)
+    s = frame.samplers()[0]
+    assert s.last_kept_ids.shape[0] == video.shape[0] * T and int(s.last_kept_ids.max()) <= N
+    clip = build_divided("space_time")
+    clip(video)
+    s = clip.samplers()[0]
+    assert s.last_kept_ids.shape[0] == video.shape[0] and int(s.last_kept_ids.max()) > N
+    per_frame_counts = [sorted(collections.Counter((int(i) - 1) % T for i in row if i > 0).values())
+                        for row in s.last_kept_ids]
+    assert any(c[0] != c[-1] for c in per_frame_counts)
+
+
+@torch.no_grad()
+def test_clip_attention_layout():
+    """clip_attention against loops: patch n of frame t at 1 + n * T + t, weight = frame t's CLS row / T, its
+    values; CLS = the frames' mean."""
+    from vitadapt.models.video import clip_attention
+
+    b, h, d = 2, 3, 5
+    att = torch.rand(b * T, h, 1 + N)
+    val = torch.randn(b * T, h, 1 + N, d)
+    row, values = clip_attention(att, val, T)
+    assert row.shape == (b, h, 1 + N * T) and values.shape == (b, h, 1 + N * T, d)
+    for bi in range(b):
+        for t in range(T):
+            for n in range(N):
+                assert torch.allclose(row[bi, :, 1 + n * T + t], att[bi * T + t, :, 1 + n] / T)
+                assert torch.equal(values[bi, :, 1 + n * T + t], val[bi * T + t, :, 1 + n])
+        assert torch.allclose(row[bi, :, 0], att[bi * T:(bi + 1) * T, :, 0].mean(dim=0))
+
+
+@torch.no_grad()
+def test_divided_macs_from_live_tokens():
+    """Without ATS the count is the dense divided formula (timesformer_macs, = fvcore less its norms); with ATS every
+    block's cost equals the formula written here from its input keep mask and the tokens left after it."""
+    from vitadapt.models.video import timesformer_macs
+
+    video = clips()
+    dense = build_divided("per_frame", blocks=())
+    dense(video)
+    expected = timesformer_macs(dense, N, T)
+    assert dense.macs_per_image().tolist() == [expected] * video.shape[0]
+    model = build_divided("space_time")
+    keeps = []
+    for blk in model.blocks:
+        blk.register_forward_hook(lambda m, args, out: keeps.append((args[0].live_mask(), out.live_mask())))
+    model(video)
+    c, hidden = DIM, model.blocks[0].mlp.fc1.out_features
+    for blk, (live_in, live_out) in zip(model.blocks, keeps):
+        p = live_in[:, 1:].reshape(-1, N, T).double()
+        per_loc, per_frame = p.sum(dim=2), 1 + p.sum(dim=1)
+        lp = p.sum(dim=(1, 2))
+        ref = (5 * lp * c * c + 2 * (per_loc ** 2).sum(dim=1) * c + 4 * per_frame.sum(dim=1) * c * c
+               + 2 * (per_frame ** 2).sum(dim=1) * c + 2 * live_out.sum(dim=1).double() * c * hidden)
+        torch.testing.assert_close(blk.last_macs, ref, atol=0, rtol=0)
+    assert (model.macs_per_image() < expected).all()
+
+
+@pytest.mark.parametrize("sampling", SAMPLINGS)
+@torch.no_grad()
+def test_divided_token_execution_setting_changes_nothing(sampling):
+    """Divided attention always runs masked (the grid stays): VIT.TOKEN_EXECUTION packed and masked agree."""
+    video = clips()
+    a = build_divided(sampling, execution="packed")
+    b = build_divided(sampling, execution="masked")
+    assert torch.equal(a(video), b(video))

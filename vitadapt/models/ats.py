@@ -30,7 +30,7 @@ from vitadapt.config import register_config
 
 from .build import MODEL_REGISTRY
 from .tokens import TokenAdapter, TokenBatch
-from .video import FrameViT, TimeSformer, XViT, check_undivided
+from .video import FrameViT, TimeSformer, XViT
 from .vit import VisionTransformer, vit_kwargs
 
 logger = logging.getLogger(__name__)
@@ -175,23 +175,33 @@ def ats_kwargs(cfg) -> dict:
     return dict(ats_blocks=cfg.ATS.BLOCKS, budgets=cfg.ATS.BUDGETS, score_padding=cfg.ATS.SCORE_PADDING)
 
 
+VIDEO_SAMPLINGS = {"per_frame": "frame", "space_time": "clip"}  # ATS.VIDEO_SAMPLING -> TokenAdapter.video_scope
+
+
 @MODEL_REGISTRY.register()
 class ATSTimeSformer(ATSVisionTransformer, TimeSformer):
     """ATS on TimeSformer, the same sampler in the same blocks:
     - joint space-time attention: one sequence per clip, so ATS is the image algorithm on the flattened 1 + N * T
       tokens, the single CLS scoring all of them and M = N * T inverse-transform samples;
     - space only: one sequence per frame, so each frame's CLS scores its own N tokens (M = N per frame) and every
-      frame keeps its own count; the frames' CLS tokens are averaged at the end, as the official head does.
-    A clip's tokens never depend on its batch-mates (ATS.SCORE_PADDING none). Divided space-time attention needs
-    the [B, N, T] grid in every block and is refused here."""
+      frame keeps its own count; the frames' CLS tokens are averaged at the end, as the official head does;
+    - divided space-time attention (spec video.md 3.4), after the spatial attention of the block, tokens kept in
+      place and dropped by mask (DividedSpaceTimeBlock): `video_sampling` "per_frame" samples each frame with its
+      CLS copy's attention row (M = N per frame; a dropped token then also leaves the temporal attention of its
+      location), "space_time" samples all N * T tokens at once with the frame-averaged CLS attention (M = N * T).
+    A clip's tokens never depend on its batch-mates (ATS.SCORE_PADDING none)."""
 
-    def __init__(self, **kwargs):
-        check_undivided("ATS", kwargs.get("attention_type"))
+    def __init__(self, video_sampling: str = "per_frame", **kwargs):
         super().__init__(**kwargs)
+        if video_sampling not in VIDEO_SAMPLINGS:
+            raise ValueError(f"video_sampling must be one of {tuple(VIDEO_SAMPLINGS)}, got '{video_sampling}'")
+        self.video_sampling = video_sampling
+        for sampler in self.samplers():
+            sampler.video_scope = VIDEO_SAMPLINGS[video_sampling]
 
     @classmethod
     def from_config(cls, cfg) -> "ATSTimeSformer":
-        return cls(**ats_kwargs(cfg), **TimeSformer.config_kwargs(cfg))
+        return cls(video_sampling=cfg.ATS.VIDEO_SAMPLING, **ats_kwargs(cfg), **TimeSformer.config_kwargs(cfg))
 
     def adapt_official_state_dict(self, sd: dict, report) -> dict:
         """TimeSformer's conversions (prefix, inflation), then ATS's (official files' out_zero_mask)."""
@@ -233,6 +243,10 @@ def add_ats_config(cfg) -> None:
     # "none": per-image results (= the official code on one image at a time); "batch_max" / "full": the official
     # batched run with DROP_TOKENS True / False, whose results depend on the batch.
     cfg.ATS.SCORE_PADDING = "none"
+    # TimeSformer with divided space-time attention: "per_frame" (each frame's CLS copy samples its frame) or
+    # "space_time" (the frame-averaged CLS attention samples all N * T tokens). Joint attention always samples the
+    # whole clip (one sequence); space only and XViT always per frame (one sequence per frame).
+    cfg.ATS.VIDEO_SAMPLING = "per_frame"
 
 
 def validate_ats_config(cfg) -> None:
@@ -241,11 +255,13 @@ def validate_ats_config(cfg) -> None:
     if cfg.MODEL.NAME not in ATS_MODELS:
         return
     a = cfg.ATS
-    if cfg.MODEL.NAME == "ATSTimeSformer":
-        try:
-            check_undivided("ATS", cfg.TIMESFORMER.ATTENTION_TYPE)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    if a.VIDEO_SAMPLING not in VIDEO_SAMPLINGS:
+        raise ConfigError(f"ATS.VIDEO_SAMPLING must be one of {', '.join(VIDEO_SAMPLINGS)}, got '{a.VIDEO_SAMPLING}'")
+    per_frame_only = cfg.MODEL.NAME == "ATSXViT" or (cfg.MODEL.NAME == "ATSTimeSformer"
+                                                     and cfg.TIMESFORMER.ATTENTION_TYPE == "space_only")
+    if a.VIDEO_SAMPLING == "space_time" and per_frame_only:
+        raise ConfigError(f"ATS.VIDEO_SAMPLING space_time needs a sequence spanning the clip; {cfg.MODEL.NAME} "
+                          f"attends within each frame, so ATS samples per frame there (set per_frame)")
     if any(not 0 <= b < cfg.VIT.DEPTH for b in a.BLOCKS) or len(set(a.BLOCKS)) != len(a.BLOCKS):
         raise ConfigError(f"ATS.BLOCKS {list(a.BLOCKS)} must be distinct block indices in [0, VIT.DEPTH={cfg.VIT.DEPTH})")
     if len(a.BUDGETS) not in (1, len(a.BLOCKS)):

@@ -195,6 +195,9 @@ class TokenAdapter(nn.Module):
     observes_attention: bool = False
     # Set to receive the pre-softmax attention logits (`observe_attention_logits`); attention is then explicit.
     records_attention_logits: bool = False
+    # Where TimeSformer's divided block calls after_attention: "frame" (each frame's sequence, its CLS copy
+    # deciding) or "clip" (all N * T tokens of the clip, the frame-averaged CLS attention deciding).
+    video_scope: str = "frame"
 
     def before_block(self, tokens: TokenBatch) -> TokenBatch:
         return tokens

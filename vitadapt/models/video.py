@@ -43,6 +43,20 @@ def check_video(video: Tensor, model: str) -> None:
         raise ValueError(f"{model} takes clips [B, C, T, H, W], got a tensor of shape {tuple(video.shape)}")
 
 
+def to_frames(patches: Tensor, frames: int) -> Tensor:
+    """[B, N * T, ...] in the clip order (patch n of frame t at n * T + t) -> [B * T, N, ...], one row per frame."""
+    b, nt = patches.shape[:2]
+    return patches.reshape(b, nt // frames, frames, *patches.shape[2:]).transpose(1, 2).reshape(
+        b * frames, nt // frames, *patches.shape[2:])
+
+
+def from_frames(per_frame: Tensor, frames: int) -> Tensor:
+    """Inverse of to_frames: [B * T, N, ...] -> [B, N * T, ...]."""
+    bt, n = per_frame.shape[:2]
+    return per_frame.reshape(bt // frames, frames, n, *per_frame.shape[2:]).transpose(1, 2).reshape(
+        bt // frames, n * frames, *per_frame.shape[2:])
+
+
 class DividedSpaceTimeBlock(Block):
     """TimeSformer's divided space-time attention (official Block, attention_type 'divided_space_time').
 
@@ -51,8 +65,14 @@ class DividedSpaceTimeBlock(Block):
     2. spatial: the shared attention sub-layer per frame, on the post-temporal tokens with the CLS copied into
        every frame; the CLS leaves as the mean of its T copies (= CLS + the mean of the T updates);
     3. the shared MLP sub-layer on the whole sequence.
-    Keys: the plain Block's plus temporal_norm1, temporal_attn.{qkv,proj} and temporal_fc. A method's hooks
-    run around the block and inside the spatial attention, whose token batch holds one frame per row.
+    Keys: the plain Block's plus temporal_norm1, temporal_attn.{qkv,proj} and temporal_fc.
+
+    A token method (spec video.md 3.4) marks tokens dropped in a [B, 1 + N * T] keep mask; tokens never move, since
+    both attentions need the full (location, frame) grid. A dropped token is no key in the temporal attention of
+    its location nor in the spatial attention of its frame, and gets no update. The method's after_attention
+    runs after the spatial attention, per frame (adapter.video_scope "frame": each frame's CLS copy scores its
+    frame) or once per clip ("clip": the frame-averaged CLS attention scores all N * T tokens, the attention the
+    official CLS update averages).
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
@@ -62,6 +82,9 @@ class DividedSpaceTimeBlock(Block):
         self.temporal_norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.temporal_attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop, qk_scale=qk_scale)
         self.temporal_fc = nn.Linear(dim, dim)
+        # [B] MACs and LayerNorm-ed elements of each clip in the last forward, from its live tokens.
+        self.last_macs: Optional[Tensor] = None
+        self.last_norm_elements: Optional[Tensor] = None
 
     def forward(self, tokens: TokenBatch) -> TokenBatch:
         adapter = self.adapter
@@ -70,19 +93,62 @@ class DividedSpaceTimeBlock(Block):
         x, t = tokens.x, tokens.frames
         b, length, c = x.shape
         n = (length - 1) // t
+        live = tokens.live_mask()[:, 1:]  # [B, N * T] patch tokens no method dropped
+        masked = tokens.keep is not None
         along_time = TokenBatch.dense(x[:, 1:].reshape(b * n, t, c))  # one row per (clip, location)
+        if masked:
+            along_time = along_time.with_keep(live.reshape(b * n, t))
         out = self.temporal_attn(self.temporal_norm1(along_time.x), along_time)[0]
-        out = along_time.drop_path(out, self.drop_path, self.training)
-        patches = x[:, 1:] + self.temporal_fc(out.reshape(b, n * t, c))
-        per_frame = patches.reshape(b, n, t, c).transpose(1, 2).reshape(b * t, n, c)
-        per_frame = torch.cat([x[:, :1].repeat_interleave(t, dim=0), per_frame], dim=1)
-        spatial = self.attend(TokenBatch.dense(per_frame, tokens.execution), adapter).x
-        cls = spatial[:, :1].reshape(b, t, 1, c).mean(dim=1)
-        patches = spatial[:, 1:].reshape(b, t, n, c).transpose(1, 2).reshape(b, n * t, c)
-        tokens = self.feed_forward(tokens.replace(x=torch.cat([cls, patches], dim=1)), adapter)
+        out = self.temporal_fc(along_time.drop_path(out, self.drop_path, self.training).reshape(b, n * t, c))
+        patches = x[:, 1:] + (out * live[..., None].to(out.dtype) if masked else out)
+        frames = TokenBatch.dense(torch.cat([x[:, :1].repeat_interleave(t, dim=0), to_frames(patches, t)], dim=1),
+                                  "masked")  # tokens stay in place: the grid is rebuilt below
+        if masked:
+            frames = frames.with_keep(torch.cat([live.new_ones(b * t, 1), to_frames(live, t)], dim=1))
+        frame_live = frames.num_live()
+        frames, cls_attention, values = self.attention_residual(frames, adapter)
+        if adapter is not None and adapter.video_scope == "frame":
+            frames = adapter.after_attention(frames, cls_attention, values)
+        cls = frames.x[:, :1].reshape(b, t, 1, c).mean(dim=1)
+        keep = None if frames.keep is None else torch.cat([live.new_ones(b, 1), from_frames(frames.keep[:, 1:], t)],
+                                                          dim=1)
+        clip = tokens.replace(x=torch.cat([cls, from_frames(frames.x[:, 1:], t)], dim=1), keep=keep)
+        if adapter is not None and adapter.video_scope == "clip":
+            clip = adapter.after_attention(clip, *clip_attention(cls_attention, values, t))
+        n_attn, n_mlp = 1 + live.sum(dim=1), clip.num_live()
+        clip.token_counts.append(torch.stack([n_attn, n_mlp], dim=1))
+        self.count_macs(live.reshape(b, n, t).sum(dim=2), frame_live.reshape(b, t), n_mlp)
+        tokens = self.feed_forward(clip, adapter)
         if adapter is not None:
             tokens = adapter.after_block(tokens)
         return tokens
+
+    def count_macs(self, per_location: Tensor, per_frame: Tensor, n_mlp: Tensor) -> None:
+        """The block's cost per clip from its live tokens: per_location [B, N] live patch tokens of each location
+        (temporal attention), per_frame [B, T] live tokens of each frame's sequence, CLS copy included (spatial
+        attention), n_mlp [B] live tokens after the method's decision (MLP)."""
+        c, hidden = self.norm1.normalized_shape[0], self.mlp.fc1.out_features
+        p, f, m = per_location.double(), per_frame.double(), n_mlp.double()
+        patches = p.sum(dim=1)
+        temporal = 4 * patches * c * c + 2 * (p * p).sum(dim=1) * c + patches * c * c  # qkv, proj, QK/AV, fc
+        spatial = 4 * f.sum(dim=1) * c * c + 2 * (f * f).sum(dim=1) * c
+        self.last_macs = temporal + spatial + 2 * m * c * hidden
+        self.last_norm_elements = patches + f.sum(dim=1) + m
+
+
+def clip_attention(cls_attention: Tensor, values: Tensor, frames: int):
+    """Per-frame CLS attention rows [B * T, H, 1 + N] and values [B * T, H, 1 + N, D] as one clip-level row
+    [B, H, 1 + N * T] and values [B, H, 1 + N * T, D]: patch n of frame t at 1 + n * T + t, its weight the frame
+    CLS copy's divided by T (the official CLS update is the mean of the T copies' updates)."""
+    bt, h, n1 = cls_attention.shape
+    b = bt // frames
+    rows = cls_attention.reshape(b, frames, h, n1)
+    cls = rows[:, :, :, :1].mean(dim=1)
+    patches = from_frames(cls_attention[:, :, 1:].transpose(1, 2), frames).transpose(1, 2) / frames
+    v = values.transpose(1, 2)  # [B * T, 1 + N, H, D]
+    v_cls = v[:, :1].reshape(b, frames, 1, *v.shape[2:]).mean(dim=1)
+    v_clip = torch.cat([v_cls, from_frames(v[:, 1:], frames)], dim=1).transpose(1, 2)
+    return torch.cat([cls, patches], dim=2), v_clip
 
 
 def resize_pos_grid(pos: Tensor, grid, mode: str = "nearest", scale: Optional[float] = None) -> Tensor:
@@ -168,11 +234,14 @@ class TimeSformer(VisionTransformer):
         x = self.pos_drop(torch.cat([self.cls_token.expand(b * t, -1, -1), x], dim=1) + pos)
         if self.attention_type == "space_only":
             return TokenBatch.dense(x, self.token_execution, frames=t)
+        # Divided attention keeps every token in place (its blocks need the (location, frame) grid): a method's
+        # selection runs masked there.
+        execution = "masked" if self.attention_type == "divided_space_time" else self.token_execution
         n, c = x.shape[1] - 1, x.shape[2]
         time = self.time_embed if self.time_embed.shape[1] == t else resize_sequence(self.time_embed, t)
         patches = x[:, 1:].reshape(b, t, n, c).transpose(1, 2) + time[:, None]  # [B, N, T, C]
         x = torch.cat([x[::t, :1], self.time_drop(patches.reshape(b, n * t, c))], dim=1)
-        return TokenBatch.dense(x, self.token_execution, frames=t)
+        return TokenBatch.dense(x, execution, frames=t)
 
     def forward_features(self, video: Tensor) -> TokenBatch:
         tokens = self.embed(video)
@@ -200,12 +269,17 @@ class TimeSformer(VisionTransformer):
         attention runs every token). `layer_norms` adds fvcore's 5 per normalised element, the convention of the
         official FLOPs figures (spec video.md 1.8)."""
         b, _, t, h, w = self.last_clip_shape
-        if self.attention_type == "divided_space_time":
-            p = self.patch_embed.patch_size
-            n = (h // p[0]) * (w // p[1])
-            return torch.full((b,), timesformer_macs(self, n, t, layer_norms), dtype=torch.float64)
-        counts, c = self.last_sequence_token_counts, self.embed_dim
+        c = self.embed_dim
         head = c * self.num_classes if self.num_classes > 0 else 0
+        if self.attention_type == "divided_space_time":  # each block counted its clips' live tokens
+            proj = self.patch_embed.proj
+            n = (h // proj.kernel_size[0]) * (w // proj.kernel_size[1])
+            macs = n * t * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * c + head
+            macs = macs + sum(block.last_macs for block in self.blocks)
+            if layer_norms:  # the final norm runs on every token of the sequence
+                macs = macs + 5 * c * (sum(block.last_norm_elements for block in self.blocks) + 1 + n * t)
+            return macs
+        counts = self.last_sequence_token_counts
         # Per sequence: patch embedding and blocks (vit_macs counts one head per sequence), norm1 / norm2 inputs.
         macs = vit_macs(self, counts) - head + (5 * c * counts.sum(dim=(1, 2)).double() if layer_norms else 0)
         if self.attention_type == "space_only":

@@ -118,13 +118,18 @@ class Block(nn.Module):
     def attend(self, tokens: TokenBatch, adapter: Optional[TokenAdapter]) -> TokenBatch:
         """The attention sub-layer with its residual, then the method's after_attention hook."""
         n_attn = tokens.num_live()
-        need_cls = adapter is not None and adapter.needs_cls_attention
-        out, cls_attention, values = self.attn(self.norm1(tokens.x), tokens, need_cls, adapter)
-        tokens = tokens.add_residual(tokens.drop_path(out, self.drop_path, self.training))
+        tokens, cls_attention, values = self.attention_residual(tokens, adapter)
         if adapter is not None:
             tokens = adapter.after_attention(tokens, cls_attention, values)
         tokens.token_counts.append(torch.stack([n_attn, tokens.num_live()], dim=1))
         return tokens
+
+    def attention_residual(self, tokens: TokenBatch, adapter: Optional[TokenAdapter]):
+        """tokens + attention(norm1(tokens)), and the CLS attention row and values when the adapter asks for them
+        (its after_attention hook is the caller's: a video block may call it on another layout)."""
+        need_cls = adapter is not None and adapter.needs_cls_attention
+        out, cls_attention, values = self.attn(self.norm1(tokens.x), tokens, need_cls, adapter)
+        return tokens.add_residual(tokens.drop_path(out, self.drop_path, self.training)), cls_attention, values
 
     def feed_forward(self, tokens: TokenBatch, adapter: Optional[TokenAdapter]) -> TokenBatch:
         """The MLP sub-layer with its residual."""
