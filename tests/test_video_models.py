@@ -453,13 +453,16 @@ KINETICS_CONFIGS = sorted(glob.glob(str(h.REPO / "configs" / "Kinetics" / "*.yam
 def test_kinetics_configs_load_and_build(path):
     cfg = load_config(path, ["NUM_GPUS", "0"])
     name = os.path.basename(path)
-    method = name.split("_")[0] if name.startswith(("ATS_", "EViT_")) else ""
+    method = name.split("_")[0] if name.startswith(("ATS_", "EViT_", "AViT_", "AdaViT_")) else ""
     assert cfg.MODEL.NAME in ("TimeSformer", "XViT") or cfg.MODEL.NAME in (f"{method}TimeSformer", f"{method}XViT")
     shape = input_shape(cfg, batch=2)
     assert len(shape) == 5 and shape == (2, cfg.VIT.IN_CHANS, cfg.DATA.NUM_FRAMES, cfg.DATA.TEST_CROP_SIZE,
                                          cfg.DATA.TEST_CROP_SIZE)
     # Built with one block instead of 12 (about 3 s per ViT-B on 2 CPU cores); every other key is the config's.
-    one_block = ["VIT.DEPTH", "1"] + {"ATS": ["ATS.BLOCKS", "[0]"], "EViT": ["EVIT.LOCATIONS", "[0]"]}.get(method, [])
+    one_block = {"ATS": ["VIT.DEPTH", "1", "ATS.BLOCKS", "[0]"], "EViT": ["VIT.DEPTH", "1", "EVIT.LOCATIONS", "[0]"],
+                 "AViT": ["VIT.DEPTH", "2", "AVIT.PRIOR_TARGET_DEPTH", "1"]}.get(method, ["VIT.DEPTH", "1"])
+    if method == "AdaViT":
+        one_block = ["VIT.DEPTH", "1", "ADAVIT.KEEP_LAYERS", "1"]
     model = build_model(load_config(path, ["NUM_GPUS", "0"] + one_block))
     assert isinstance(model, (TimeSformer, XViT)) and model.num_classes == cfg.MODEL.NUM_CLASSES
     if isinstance(model, TimeSformer):

@@ -6,14 +6,14 @@
 
 Every clip shows one bright shape (disk, square, diamond, ring or cross, random size and colour) on a dark
 background of random grey. The class is carried only by the motion: moving_left, moving_right, moving_up,
-moving_down, then (--classes 5 or 6) orbit_clockwise, orbit_anticlockwise. The scene wraps around its borders
-(a torus), and start position and speed are random, so in every class the shape sits anywhere in any one frame
-with the same probability: no single frame tells the class. Videos are encoded with PyAV (libx264 yuv420p, else
-mpeg4) at --fps into DIR/videos/{train,val}/NNNNN.mp4. Lists, as PySlowFast / TimeSformer's Kinetics loader
-reads them (path relative to DIR, to be joined with DATA.PATH_PREFIX DIR, a space, an integer label):
-DIR/train.csv, DIR/val.csv and DIR/test.csv; test.csv lists the val videos, as Kinetics is usually tested on
-val. DIR/classes.json maps the class names to their labels. Same --seed, same decoded frames.
-"""
+moving_down, then (--classes 5 or 6) orbit_clockwise, orbit_anticlockwise. The scene wraps around its borders (a
+torus), and start position and speed are random, so in every class the shape sits anywhere in any one frame with the
+same probability: no single frame tells the class. Videos are encoded with PyAV (MPEG-4 Part 2 yuv420p, else
+libx264, whose output was seen to vary from run to run under machine load) at --fps into
+DIR/videos/{train,val}/NNNNN.mp4. Lists, as PySlowFast / TimeSformer's Kinetics loader reads them (path relative to
+DIR, to be joined with DATA.PATH_PREFIX DIR, a space, an integer label): DIR/train.csv, DIR/val.csv and
+DIR/test.csv; test.csv lists the val videos, as Kinetics is usually tested on val. DIR/classes.json maps the class
+names to their labels. Same --seed, same decoded frames."""
 
 import argparse
 import json
@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 CLASS_NAMES = ("moving_left", "moving_right", "moving_up", "moving_down", "orbit_clockwise", "orbit_anticlockwise")
 SHAPES = ("disk", "square", "diamond", "ring", "cross")
-CODECS = ("libx264", "mpeg4")  # the first this PyAV build can encode is used
+CODECS = ("mpeg4", "libx264")  # the first this PyAV build can encode is used; same seed, same bytes
 SPLITS = ("train", "val")
 
 
@@ -83,19 +83,34 @@ def render_clip(label: int, frames: int, size: int, rng: np.random.Generator) ->
     return out
 
 
+def rgb_to_yuv420p(img: np.ndarray) -> np.ndarray:
+    """[H, W, 3] uint8 RGB -> the [H * 3 / 2, W] planar YUV 4:2:0 array PyAV takes (BT.601, limited range, chroma
+    averaged over 2 x 2 pixels). Converted here, not by FFmpeg's swscale, whose threaded slices can round
+    differently from run to run under load: the same seed must give the same bytes."""
+    rgb = img.astype(np.float64)
+    y = 16 + (65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]) / 255
+    u = 128 + (-37.797 * rgb[..., 0] - 74.203 * rgb[..., 1] + 112.0 * rgb[..., 2]) / 255
+    v = 128 + (112.0 * rgb[..., 0] - 93.786 * rgb[..., 1] - 18.214 * rgb[..., 2]) / 255
+    h, w = y.shape
+    u = u.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    v = v.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+    planes = [np.clip(np.rint(p), 0, 255).astype(np.uint8).ravel() for p in (y, u, v)]
+    return np.concatenate(planes).reshape(h * 3 // 2, w)
+
+
 def write_video(path: str, clip: np.ndarray, fps: int, codec: str) -> None:
     with av.open(path, "w", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = clip.shape[2], clip.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.thread_count = 1  # deterministic bitstream
+        stream.codec_context.thread_count = 1  # one encoder thread: a deterministic bitstream
         if codec == "libx264":
             stream.options = {"crf": "12", "preset": "medium"}
         else:
             stream.bit_rate = 2_000_000
         stream.codec_context.flags |= av.codec.context.Flags.bitexact  # no encoder version string
         for img in clip:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb_to_yuv420p(img), format="yuv420p")))
         container.mux(stream.encode())  # flush
 
 

@@ -48,6 +48,7 @@ from .adavit_costs import (OFFICIAL_BASE_GFLOPS_DEIT, OFFICIAL_BASE_GFLOPS_OTHER
 from .build import MODEL_REGISTRY
 from .t2t import T2TViT, t2t_kwargs, validate_t2t_config
 from .tokens import TokenBatch
+from .video import TimeSformer
 from .vit import Block, VisionTransformer, _init_linear_and_norm, sinusoid_table, vit_kwargs
 
 logger = logging.getLogger(__name__)
@@ -489,6 +490,29 @@ class AdaViTT2TViT(AdaViTVisionTransformer, T2TViT):
         return T2TViT.adapt_official_state_dict(self, sd, report)
 
 
+@MODEL_REGISTRY.register()
+class AdaViTTimeSformer(AdaViTVisionTransformer, TimeSformer):
+    """AdaViT on TimeSformer with joint space-time attention: its decision heads read the clip's CLS (heads, blocks)
+    and every token of the clip (tokens), so a clip keeps the heads, blocks and space-time tokens it needs, as an
+    image does. Space-only, divided attention and XViT are not supported: AdaViT runs its own masked / packed
+    attention, which would have to learn the frame layout and XViT's key/value shift."""
+
+    def __init__(self, **kwargs):
+        if kwargs.get("attention_type") != "joint_space_time":
+            raise ValueError("AdaViT on TimeSformer runs with TIMESFORMER.ATTENTION_TYPE joint_space_time; "
+                             f"{kwargs.get('attention_type')} is not supported")
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_config(cls, cfg) -> "AdaViTTimeSformer":
+        return cls(**adavit_kwargs(cfg), **TimeSformer.config_kwargs(cfg))
+
+    def adapt_official_state_dict(self, sd: dict, report) -> dict:
+        """TimeSformer's conversions (prefix), then AdaViT's (q/k/v joined, decision heads when fine-tuning)."""
+        return AdaViTVisionTransformer.adapt_official_state_dict(self, TimeSformer.adapt_official_state_dict(
+            self, sd, report), report)
+
+
 def adavit_kwargs(cfg) -> dict:
     """AdaViT's constructor arguments from the ADAVIT node (the backbone's come from vit_kwargs / t2t_kwargs)."""
     a = cfg.ADAVIT
@@ -598,13 +622,16 @@ def add_adavit_config(cfg) -> None:
     cfg.ADAVIT.OFFICIAL_BASE_GFLOPS = 0.06
 
 
-ADAVIT_MODELS = ("AdaViTVisionTransformer", "AdaViTT2TViT")
+ADAVIT_MODELS = ("AdaViTVisionTransformer", "AdaViTT2TViT", "AdaViTTimeSformer")
 
 
 def validate_adavit_config(cfg) -> None:
     if cfg.MODEL.NAME not in ADAVIT_MODELS:
         return
     a, depth = cfg.ADAVIT, cfg.VIT.DEPTH
+    if cfg.MODEL.NAME == "AdaViTTimeSformer" and cfg.TIMESFORMER.ATTENTION_TYPE != "joint_space_time":
+        raise ConfigError(f"MODEL.NAME AdaViTTimeSformer needs TIMESFORMER.ATTENTION_TYPE joint_space_time, got "
+                          f"{cfg.TIMESFORMER.ATTENTION_TYPE}")
     if cfg.MODEL.NAME == "AdaViTT2TViT":
         # The T2T node's own checks (tokens type, token dim, qk scale, crops), which key on MODEL.NAME T2TViT.
         t2t = cfg.clone()

@@ -48,6 +48,7 @@ from vitadapt.config import ConfigError, register_config
 
 from .build import MODEL_REGISTRY
 from .tokens import TokenAdapter, TokenBatch
+from .video import FrameViT, TimeSformer, XViT
 from .vit import Block, VisionTransformer, vit_kwargs
 
 logger = logging.getLogger(__name__)
@@ -145,10 +146,7 @@ class AViTVisionTransformer(VisionTransformer):
 
     @classmethod
     def from_config(cls, cfg) -> "AViTVisionTransformer":
-        a = cfg.AVIT
-        return cls(gate_scale=a.GATE_SCALE, gate_center=a.GATE_CENTER, halting_eps=a.HALTING_EPS,
-                   ponder_weight=a.PONDER_WEIGHT, prior_weight=a.PRIOR_WEIGHT,
-                   prior_target_depth=a.PRIOR_TARGET_DEPTH, official_prior=a.OFFICIAL_PRIOR, **vit_kwargs(cfg))
+        return cls(**avit_kwargs(cfg), **vit_kwargs(cfg))
 
     def halting_scores(self, y: Tensor) -> Tensor:
         return torch.sigmoid(y[..., 0] * self.gate_scale - self.gate_center)
@@ -291,6 +289,54 @@ class AViTVisionTransformer(VisionTransformer):
                 f"{self.gate_scale:g} / {self.gate_center:g}; set them to match, or rename the file if its name is wrong")
 
 
+def avit_kwargs(cfg) -> dict:
+    a = cfg.AVIT
+    return dict(gate_scale=a.GATE_SCALE, gate_center=a.GATE_CENTER, halting_eps=a.HALTING_EPS,
+                ponder_weight=a.PONDER_WEIGHT, prior_weight=a.PRIOR_WEIGHT, prior_target_depth=a.PRIOR_TARGET_DEPTH,
+                official_prior=a.OFFICIAL_PRIOR)
+
+
+# ------------------------------------------------------------------ A-ViT on video
+@MODEL_REGISTRY.register()
+class AViTTimeSformer(AViTVisionTransformer, TimeSformer):
+    """A-ViT on TimeSformer with joint space-time attention: every token of the clip, the CLS and the N * T
+    patches, halts on its own from channel 0 of its output, exactly as an image token does (halting is a property
+    of the token, not of a frame); ponder and prior losses over the clip's tokens. Space-only attention is
+    refused (the halting loop normalises each sequence, where the official space-only head averages the frames
+    first), and so is divided attention (its grid)."""
+
+    def __init__(self, **kwargs):
+        if kwargs.get("attention_type") != "joint_space_time":
+            raise ValueError("A-ViT on TimeSformer runs with TIMESFORMER.ATTENTION_TYPE joint_space_time; "
+                             f"{kwargs.get('attention_type')} is not supported")
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_config(cls, cfg) -> "AViTTimeSformer":
+        return cls(**avit_kwargs(cfg), **TimeSformer.config_kwargs(cfg))
+
+
+class AViTFrameViT(AViTVisionTransformer, FrameViT):
+    """XViT's per-frame backbone with A-ViT: the tokens of each frame halt on their own. A halted token is no longer
+    computed, so the key/value shift gives its neighbours in the next and previous frames zeros from it."""
+
+
+@MODEL_REGISTRY.register()
+class AViTXViT(XViT):
+    """A-ViT on XViT (AViTFrameViT as the backbone, the temporal head unchanged), with its ponder and prior
+    losses; loads XViT checkpoints."""
+
+    frame_model = AViTFrameViT
+    frame_model_kwargs = staticmethod(avit_kwargs)
+    has_unused_parameters = True  # every token of a frame may halt before the last block
+
+    def auxiliary_losses(self) -> Dict[str, Tensor]:
+        return self.base_model.auxiliary_losses()
+
+
+AVIT_MODELS = ("AViTVisionTransformer", "AViTTimeSformer", "AViTXViT")
+
+
 def add_avit_config(cfg) -> None:
     from fvcore.common.config import CfgNode
 
@@ -313,9 +359,12 @@ def add_avit_config(cfg) -> None:
 
 
 def validate_avit_config(cfg) -> None:
-    if cfg.MODEL.NAME != "AViTVisionTransformer":
+    if cfg.MODEL.NAME not in AVIT_MODELS:
         return
     a = cfg.AVIT
+    if cfg.MODEL.NAME == "AViTTimeSformer" and cfg.TIMESFORMER.ATTENTION_TYPE != "joint_space_time":
+        raise ConfigError(f"MODEL.NAME AViTTimeSformer needs TIMESFORMER.ATTENTION_TYPE joint_space_time, got "
+                          f"{cfg.TIMESFORMER.ATTENTION_TYPE}")
     if not 0 < a.HALTING_EPS < 1:
         raise ConfigError(f"AVIT.HALTING_EPS must be in (0, 1), got {a.HALTING_EPS}")
     if a.PONDER_WEIGHT < 0 or a.PRIOR_WEIGHT < 0:

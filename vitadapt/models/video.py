@@ -247,22 +247,24 @@ class TimeSformer(VisionTransformer):
         tokens = self.embed(video)
         for block in self.blocks:
             tokens = block(tokens)
-        # Live tokens at every plain block, [sequences, depth, 2] (joint: one row per clip, space only: per frame),
-        # and per clip (last_token_counts, what the engine's statistics read).
-        counts = tokens.counts_per_block().detach() if tokens.token_counts else None
-        self.last_sequence_token_counts = counts
-        rows = tokens.frames if self.attention_type == "space_only" else 1  # sequences per clip
-        self.last_token_counts = None if counts is None else counts.reshape(-1, rows, *counts.shape[1:]).sum(dim=1)
         if self.attention_type == "space_only":
             # Official: the frames' sequences averaged, the final norm, then the CLS. The norm works per token, so
             # the frames' CLS tokens averaged are all it needs (whatever tokens a method left in each frame).
             cls = tokens.cls_tokens().reshape(-1, tokens.frames, tokens.x.shape[-1]).mean(dim=1)
-            tokens = TokenBatch.dense(cls[:, None], self.token_execution, frames=tokens.frames)
+            tokens = TokenBatch.dense(cls[:, None], self.token_execution, frames=tokens.frames).replace(
+                token_counts=tokens.token_counts)  # the counts stay the frames'
         return tokens.replace(x=self.norm(tokens.x))
 
     def forward(self, video: Tensor) -> Tensor:
         self.last_clip_shape = tuple(int(s) for s in video.shape)  # ints, also under fvcore's trace
-        return self.forward_head(self.forward_features(video))
+        tokens = self.forward_features(video)
+        # Live tokens at every block, [sequences, depth, 2] (joint and divided: one row per clip, space only: per
+        # frame), and per clip (last_token_counts, what the engine's statistics read).
+        counts = tokens.counts_per_block().detach() if tokens.token_counts else None
+        self.last_sequence_token_counts = counts
+        rows = tokens.frames if self.attention_type == "space_only" else 1  # sequences per clip
+        self.last_token_counts = None if counts is None else counts.reshape(-1, rows, *counts.shape[1:]).sum(dim=1)
+        return self.forward_head(tokens)
 
     def macs_per_image(self, layer_norms: bool = False) -> Tensor:
         """[B] MACs per clip of the last forward, from the tokens each block saw (joint, space only; divided
