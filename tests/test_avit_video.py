@@ -109,3 +109,15 @@ def test_ponder_and_prior_losses_train_the_backbone(name, extra):
 def test_other_timesformer_attention_types_are_refused(attention):
     with pytest.raises(ConfigError, match="TIMESFORMER.ATTENTION_TYPE"):
         load_config("", opts("AViTTimeSformer", "TIMESFORMER.ATTENTION_TYPE", attention))
+
+
+@torch.no_grad()
+def test_halting_drift_reaches_the_xvit_backbone():
+    """tools/benchmark.py --init halting calls add_halting_drift_ on the whole model: on XViT it must reach the
+    per-frame backbone (patch embedding channel 0 scaled, every block's fc2 bias channel 0 raised)."""
+    torch.manual_seed(0)
+    model = build_model(load_config("", opts("AViTXViT", *XVIT)))
+    before = model.base_model.patch_embed.proj.weight[0].clone(), model.base_model.blocks[0].mlp.fc2.bias[0].item()
+    add_halting_drift_(model, drift=0.85, spread=5.0)
+    assert torch.allclose(model.base_model.patch_embed.proj.weight[0], 5.0 * before[0])
+    assert model.base_model.blocks[0].mlp.fc2.bias[0].item() == pytest.approx(before[1] + 0.85)

@@ -42,7 +42,9 @@ def add_halting_drift_(model: nn.Module, drift: float = 0.85, spread: float = 5.
     A-ViT halts on channel 0 of the residual stream, which random weights leave near 0. Every MLP adds `drift`
     to it, and the patch embedding's channel 0 is scaled by `spread`, so tokens start apart. On `sharpen_`
     weights at DeiT-S size with gate 10 / 75 (A-ViT-S) the mean depth is about 8 of 12, as the official
-    A-ViT-S reaches. A dense model with these weights is the same workload without halting."""
+    A-ViT-S reaches. A dense model with these weights is the same workload without halting. A video model with a
+    per-frame backbone (XViT) gets it on that backbone."""
+    model = getattr(model, "base_model", model)
     model.patch_embed.proj.weight[0] *= spread
     if model.patch_embed.proj.bias is not None:
         model.patch_embed.proj.bias[0] *= spread
