@@ -552,3 +552,43 @@ def test_two_processes_train_resume_and_test_xvit_like_one(tmp_path, run_net):
     for a, b in zip(*rows):
         assert a["pred"] == b["pred"] and a["label"] == b["label"]
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+
+
+def test_visualize_draws_kept_patches_per_frame_of_a_clip(tmp_path, capsys):
+    """tools/visualize.py on a video method: one picture per frame of each clip (XViT + ATS, synthetic weights under
+    which tokens drop); a dense video backbone has nothing to draw and says so."""
+    data = rendered_videos(tmp_path, classes=2)
+    opts = tiny_video_opts(data, "ATSXViT", 2) + [
+        "XVIT.POS_EMBED_IMG_SIZE", "32", "XVIT.NUM_SEGMENTS", "4", "XVIT.NUM_FRAMES_EMBED", "4",
+        "TEMPORAL_HEAD.NUM_ATTENTION_HEADS", "2", "TEMPORAL_HEAD.MLP_DIM", "16", "VIT.PATCH_SIZE", "8",
+        "ATS.BLOCKS", "[0]", "OUTPUT_DIR", str(tmp_path / "out")]
+    main = h.load_tool("visualize").main
+    assert main(["--cfg", "", "--init", "sharpened", "--num-images", "1"] + opts) == 0
+    pictures = sorted(p.name for p in (tmp_path / "out" / "visualization").iterdir())
+    assert pictures == [f"clip_0000_frame_{t:02d}.png" for t in range(4)]
+    dense = [o if o != "ATSXViT" else "XViT" for o in opts if o not in ("ATS.BLOCKS", "[0]")]
+    assert main(["--cfg", "", "--init", "sharpened", "--num-images", "1"] + dense) == 2
+    assert "nothing to draw" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_frame_token_ids_of_a_joint_clip():
+    """Joint attention keeps clip tokens 1 + n * T + t: per frame they are patch n + 1 of frame t (CLS shared)."""
+    cfg = load_config("", ["NUM_GPUS", "0", "MODEL.NAME", "ATSTimeSformer", "TIMESFORMER.ATTENTION_TYPE",
+                           "joint_space_time", "VIT.EMBED_DIM", "24", "VIT.DEPTH", "2", "VIT.NUM_HEADS", "2",
+                           "DATA.TRAIN_CROP_SIZE", "32", "DATA.TEST_CROP_SIZE", "32", "DATA.NUM_FRAMES", "4",
+                           "ATS.BLOCKS", "[0]", "MODEL.NUM_CLASSES", "3"])
+    model = build_model(cfg).eval()
+    sharpen_(model, 1)
+    model.trace_token_ids = True
+    model(torch.randn(2, 3, 4, 32, 32))
+    clip_ids = model.last_token_ids[0]
+    per_frame = model.frame_token_ids()[0]
+    assert per_frame.shape[:2] == (2, 4)
+    for b in range(2):
+        kept = {int(k) for k in clip_ids[b] if k > 0}
+        assert kept and len(kept) < 16
+        for t in range(4):
+            mine = {int(k) for k in per_frame[b, t] if k > 0}
+            assert mine == {(k - 1) // 4 + 1 for k in kept if (k - 1) % 4 == t}
+            assert int(per_frame[b, t, 0]) == 0

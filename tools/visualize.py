@@ -542,6 +542,27 @@ def first_images(dataset, wanted: int, split: str) -> torch.Tensor:
     return torch.stack(images)
 
 
+def save_clip_pictures(cfg, model, clips: torch.Tensor, out_dir: str) -> None:
+    """OUTPUT_DIR/visualization/clip_XXXX_frame_YY.png: each frame of each clip, then its kept patches after every
+    block that changed them (as for images), from the model's per-frame token ids (`frame_token_ids`)."""
+    mean = torch.tensor(cfg.DATA.MEAN)[:, None, None]
+    std = torch.tensor(cfg.DATA.STD)[:, None, None]
+    grid, patch = tuple(getattr(model, "base_model", model).patch_grid), cfg.VIT.PATCH_SIZE
+    ids = model.frame_token_ids()  # per block [B, T, N + 1]
+    for i, clip in enumerate(clips):
+        summary = []
+        for t in range(clip.shape[1]):
+            rgb = (clip[:, t] * std + mean).clamp(0, 1)
+            scale = max(1, PANEL_SIZE // rgb.shape[-1])
+            panels, titles, changes = render(enlarge(rgb, scale), [block[i, t] for block in ids], grid, patch * scale)
+            titles[0][0] = f"frame {t}"
+            legend = drop_legend([fused for _, _, fused in changes], grid[0] * grid[1])
+            compose(panels, titles, legend).save(os.path.join(out_dir, f"clip_{i:04d}_frame_{t:02d}.png"))
+            summary.append(str(changes[-1][1] - 1 if changes else grid[0] * grid[1]))
+        logger.info("%s: patches kept per frame after the last block: %s", os.path.join(out_dir, f"clip_{i:04d}_*"),
+                    " ".join(summary))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfg", required=True)
@@ -594,8 +615,18 @@ def main(argv=None) -> int:
             save_dvt_pictures(cfg, model, images, out_dir, mean, std, checkpoint if args.init == "checkpoint" else "")
             return 0
         model.trace_token_ids = True
+        if hasattr(model, "base_model"):  # XViT: the per-frame backbone keeps the tokens
+            model.base_model.trace_token_ids = True
         with torch.no_grad():
             model(images)
+        if images.dim() == 5:  # clips: one picture per frame of each clip
+            if not model.token_statistics:
+                raise VitadaptError(f"MODEL.NAME {cfg.MODEL.NAME} keeps every token of every frame: there is nothing "
+                                    "to draw")
+            out_dir = os.path.join(cfg.OUTPUT_DIR, "visualization")
+            ensure_writable_dir(out_dir, "the picture folder OUTPUT_DIR/visualization")
+            save_clip_pictures(cfg, model, images, out_dir)
+            return 0
         if not adavit and not isinstance(getattr(model, "last_token_ids", None), list):
             raise VitadaptError(f"MODEL.NAME {cfg.MODEL.NAME} does not record which tokens each block keeps "
                                 "(trace_token_ids): there is nothing to draw")

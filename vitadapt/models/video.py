@@ -14,7 +14,7 @@ ImageNet ViT).
 """
 
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -245,8 +245,13 @@ class TimeSformer(VisionTransformer):
 
     def forward_features(self, video: Tensor) -> TokenBatch:
         tokens = self.embed(video)
+        # With `trace_token_ids` (visualisations): the original ids of the live tokens after every block, one row per
+        # sequence (a clip, or a frame for space only), -1 for none; `frame_token_ids` turns them into per-frame ids.
+        self.last_token_ids = [] if getattr(self, "trace_token_ids", False) else None
         for block in self.blocks:
             tokens = block(tokens)
+            if self.last_token_ids is not None:
+                self.last_token_ids.append(tokens.padded(tokens.ids).masked_fill(~tokens.live_mask(), -1))
         if self.attention_type == "space_only":
             # Official: the frames' sequences averaged, the final norm, then the CLS. The norm works per token, so
             # the frames' CLS tokens averaged are all it needs (whatever tokens a method left in each frame).
@@ -265,6 +270,22 @@ class TimeSformer(VisionTransformer):
         rows = tokens.frames if self.attention_type == "space_only" else 1  # sequences per clip
         self.last_token_counts = None if counts is None else counts.reshape(-1, rows, *counts.shape[1:]).sum(dim=1)
         return self.forward_head(tokens)
+
+    def frame_token_ids(self) -> List[Tensor]:
+        """Per block, [B, T, L] the live tokens of every frame after it, as image ids (0 CLS, 1 + n patch n, -1 for
+        an empty slot), from last_token_ids: a clip-level token 1 + n * T + t is patch n of frame t."""
+        b, _, t = self.last_clip_shape[:3]
+        out = []
+        for ids in self.last_token_ids:
+            if self.attention_type == "space_only":
+                out.append(ids.reshape(b, t, -1))
+                continue
+            patch = ids - 1  # -1 -> -2 (none), 0 -> -1 (CLS)
+            frame = torch.arange(t, device=ids.device)[None, :, None]
+            mine = (patch[:, None, :] >= 0) & (patch[:, None, :] % t == frame)
+            per_frame = torch.where(mine, patch[:, None, :] // t + 1, torch.full_like(mine, -1, dtype=ids.dtype))
+            out.append(torch.cat([torch.zeros_like(per_frame[..., :1]), per_frame], dim=-1))  # the CLS is shared
+        return out
 
     def macs_per_image(self, layer_norms: bool = False) -> Tensor:
         """[B] MACs per clip of the last forward, from the tokens each block saw (joint, space only; divided
@@ -544,6 +565,12 @@ class XViT(nn.Module):
         if counts is None:
             return None
         return counts.reshape(self.last_clip_shape[0], -1, *counts.shape[1:]).sum(dim=1)
+
+    def frame_token_ids(self) -> List[Tensor]:
+        """Per block, [B, T, L] the live tokens of every frame after it (image ids, -1 for an empty slot), when the
+        backbone traced them (base_model.trace_token_ids)."""
+        b, _, t = self.last_clip_shape[:3]
+        return [ids.reshape(b, t, -1) for ids in self.base_model.last_token_ids]
 
     def macs_per_image(self) -> Tensor:
         """[B] MACs per clip of the last forward: T frames through the backbone plus the temporal head (the shift
