@@ -244,14 +244,8 @@ class TimeSformer(VisionTransformer):
         return TokenBatch.dense(x, execution, frames=t)
 
     def forward_features(self, video: Tensor) -> TokenBatch:
-        tokens = self.embed(video)
-        # With `trace_token_ids` (visualisations): the original ids of the live tokens after every block, one row per
-        # sequence (a clip, or a frame for space only), -1 for none; `frame_token_ids` turns them into per-frame ids.
-        self.last_token_ids = [] if getattr(self, "trace_token_ids", False) else None
-        for block in self.blocks:
-            tokens = block(tokens)
-            if self.last_token_ids is not None:
-                self.last_token_ids.append(tokens.padded(tokens.ids).masked_fill(~tokens.live_mask(), -1))
+        # run_blocks traces token ids per sequence (a clip, or a frame for space only): see frame_token_ids.
+        tokens = self.run_blocks(self.embed(video))
         if self.attention_type == "space_only":
             # Official: the frames' sequences averaged, the final norm, then the CLS. The norm works per token, so
             # the frames' CLS tokens averaged are all it needs (whatever tokens a method left in each frame).

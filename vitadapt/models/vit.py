@@ -215,15 +215,19 @@ class VisionTransformer(nn.Module):
         return TokenBatch.dense(self.pos_drop(x), self.token_execution)
 
     def forward_features(self, images: Tensor) -> TokenBatch:
-        tokens = self.embed(images)
-        # With `trace_token_ids` set, the original ids of the live tokens after every block, [B, N_i] with -1
-        # for none (for visualisations); off by default, it costs a copy per block.
+        tokens = self.run_blocks(self.embed(images))
+        return tokens.replace(x=self.norm(tokens.x))
+
+    def run_blocks(self, tokens: TokenBatch) -> TokenBatch:
+        """Every block in turn. With `trace_token_ids` set, the original ids of the live tokens after every block,
+        [sequences, N_i] with -1 for none, go to last_token_ids (for visualisations; off by default, it costs a
+        copy per block)."""
         self.last_token_ids = [] if getattr(self, "trace_token_ids", False) else None
         for block in self.blocks:
             tokens = block(tokens)
             if self.last_token_ids is not None:
                 self.last_token_ids.append(tokens.padded(tokens.ids).masked_fill(~tokens.live_mask(), -1))
-        return tokens.replace(x=self.norm(tokens.x))
+        return tokens
 
     def forward_head(self, tokens: TokenBatch) -> Tensor:
         """The head hook: a method that classifies differently (exits, pooling over kept tokens) overrides this."""
