@@ -460,11 +460,13 @@ def build_divided(sampling, *extra, blocks=(1, 2, 3), execution="packed", sharpe
     return sharpened(model) if sharpen else model
 
 
+@pytest.mark.parametrize("execution", EXECUTIONS)
 @pytest.mark.parametrize("sampling", SAMPLINGS)
 @torch.no_grad()
-def test_divided_keep_all_equals_golden(sampling, monkeypatch):
-    """A sampler that keeps every token turns on the masked divided path (a keep mask in every later block) and
-    must still give the official divided TimeSformer's logits."""
+def test_divided_keep_all_equals_golden(sampling, execution, monkeypatch):
+    """A sampler that keeps every token (reordered) turns on the keep-mask path of the divided grid (masked, or
+    packed around every sub-layer) in every later block and must still give the official divided TimeSformer's
+    logits."""
     from vitadapt.parity import _timesformer_opts
 
     path = GOLDEN_DIR / "golden_timesformer_dev.pt"
@@ -473,8 +475,8 @@ def test_divided_keep_all_equals_golden(sampling, monkeypatch):
     golden = torch.load(path, map_location="cpu", weights_only=False)
     o = _timesformer_opts(golden["config"])
     o[o.index("MODEL.NAME") + 1] = "ATSTimeSformer"
-    model = build_model(load_config("", o + ["NUM_GPUS", "0", "ATS.VIDEO_SAMPLING", sampling,
-                                             "ATS.BLOCKS", str(list(range(DEPTH)))])).eval()
+    model = build_model(load_config("", o + ["NUM_GPUS", "0", "ATS.VIDEO_SAMPLING", sampling, "VIT.TOKEN_EXECUTION",
+                                             execution, "ATS.BLOCKS", str(list(range(DEPTH)))])).eval()
     model.load_state_dict(golden["state_dict"], strict=True)
     calls, seen = [], []
     monkeypatch.setattr(AdaptiveTokenSampler, "sample", keep_all_reordered(calls))
@@ -592,9 +594,24 @@ def test_divided_macs_from_live_tokens():
 
 @pytest.mark.parametrize("sampling", SAMPLINGS)
 @torch.no_grad()
-def test_divided_token_execution_setting_changes_nothing(sampling):
-    """Divided attention always runs masked (the grid stays): VIT.TOKEN_EXECUTION packed and masked agree."""
+def test_divided_packed_equals_masked_and_computes_live_tokens_only(sampling):
+    """Packed execution keeps the grid but runs every per-token layer (temporal qkv / proj / fc, spatial qkv / proj,
+    the MLP) on the live tokens only: the same logits and kept tokens as masked execution (1e-5), fewer rows."""
     video = clips()
-    a = build_divided(sampling, execution="packed")
-    b = build_divided(sampling, execution="masked")
-    assert torch.equal(a(video), b(video))
+    rows = {}
+    runs = {}
+    for execution in EXECUTIONS:
+        model = build_divided(sampling, execution=execution)
+        seen = rows[execution] = []
+        for layer in (model.blocks[3].temporal_attn.qkv, model.blocks[3].attn.qkv, model.blocks[3].mlp.fc1):
+            layer.register_forward_hook(lambda m, args, out, seen=seen: seen.append(args[0].shape[:-1].numel()))
+        runs[execution] = (model(video), model.last_token_counts.clone(), [kept_list(i) for i in
+                                                                           model.samplers()[-1].last_kept_ids])
+    assert diff(runs["packed"][0], runs["masked"][0]) <= ATOL
+    assert torch.equal(runs["packed"][1], runs["masked"][1]) and runs["packed"][2] == runs["masked"][2]
+    b = video.shape[0]
+    assert rows["masked"] == [b * N * T, b * T * (1 + N), b * (1 + N * T)]  # the whole grid
+    counts = runs["packed"][1][:, 3]  # block 3's live tokens at its attention and MLP
+    live_in = int(counts[:, 0].sum())  # CLS + live patches per clip, before block 3's selection
+    assert rows["packed"] == [live_in - b, live_in - b + b * T, int(counts[:, 1].sum())]
+    assert rows["packed"][0] < rows["masked"][0]

@@ -453,7 +453,7 @@ KINETICS_CONFIGS = sorted(glob.glob(str(h.REPO / "configs" / "Kinetics" / "*.yam
 def test_kinetics_configs_load_and_build(path):
     cfg = load_config(path, ["NUM_GPUS", "0"])
     name = os.path.basename(path)
-    method = name.split("_")[0] if name.startswith(("ATS_", "EViT_", "AViT_", "AdaViT_")) else ""
+    method = name.split("_")[0] if name.startswith(("ATS_", "EViT_", "AViT_", "AdaViT_", "DVT_")) else ""
     assert cfg.MODEL.NAME in ("TimeSformer", "XViT") or cfg.MODEL.NAME in (f"{method}TimeSformer", f"{method}XViT")
     shape = input_shape(cfg, batch=2)
     assert len(shape) == 5 and shape == (2, cfg.VIT.IN_CHANS, cfg.DATA.NUM_FRAMES, cfg.DATA.TEST_CROP_SIZE,
@@ -464,6 +464,10 @@ def test_kinetics_configs_load_and_build(path):
     if method == "AdaViT":
         one_block = ["VIT.DEPTH", "1", "ADAVIT.KEEP_LAYERS", "1"]
     model = build_model(load_config(path, ["NUM_GPUS", "0"] + one_block))
+    if method == "DVT":  # three backbones reading each frame as 7x7, 10x10 and 14x14 tokens; the last one checked
+        assert [stage.grid_for((cfg.DATA.TEST_CROP_SIZE,) * 2) for stage in model.stages] == [(7, 7), (10, 10),
+                                                                                             (14, 14)]
+        model = model.stages[-1]
     assert isinstance(model, (TimeSformer, XViT)) and model.num_classes == cfg.MODEL.NUM_CLASSES
     if isinstance(model, TimeSformer):
         assert model.embed_dim == cfg.VIT.EMBED_DIM and model.patch_grid == (cfg.DATA.TEST_CROP_SIZE // 16,) * 2

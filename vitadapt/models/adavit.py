@@ -48,7 +48,7 @@ from .adavit_costs import (OFFICIAL_BASE_GFLOPS_DEIT, OFFICIAL_BASE_GFLOPS_OTHER
 from .build import MODEL_REGISTRY
 from .t2t import T2TViT, t2t_kwargs, validate_t2t_config
 from .tokens import TokenBatch
-from .video import TimeSformer
+from .video import FrameViT, TimeSformer, XViT
 from .vit import Block, VisionTransformer, _init_linear_and_norm, sinusoid_table, vit_kwargs
 
 logger = logging.getLogger(__name__)
@@ -173,6 +173,8 @@ class AdaViTVisionTransformer(VisionTransformer):
         if width is not None:  # masked weights and biases of q, k, v: a dropped head's q, k, v are zero
             qkv = qkv * width.repeat(1, 3)[:, None, :]
         q, k, v = qkv.reshape(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4)
+        if attn.kv_mixing is not None:  # XViT's shift: see shifted_keys_values
+            k, v = self.shifted_keys_values(attn, k, v, d)
         logits = (q @ k.transpose(-2, -1)) * attn.scale
         probs = logits.softmax(dim=-1)
         eye = torch.eye(n, device=x.device, dtype=x.dtype)
@@ -217,6 +219,20 @@ class AdaViTVisionTransformer(VisionTransformer):
             return x + drop_path(out, block.drop_path, self.training)
         return x + d.layer[:, 1, None, None] * out
 
+    def shifted_keys_values(self, attn, k: Tensor, v: Tensor, d: Decisions):
+        """Keys and values [B, H, N, D] after the backbone's kv_mixing (XViT's shift across frames), from the tokens
+        the block computes only: a token it drops, or every token of a frame whose attention branch is off, gives
+        its neighbours in the other frames zeros, as in packed execution, where they are never computed."""
+        gate = None
+        if d.tokens is not None:
+            gate = d.tokens.detach() if self.token_detach_attn else d.tokens
+        if d.layer is not None:
+            on = d.layer[:, :1]
+            gate = on if gate is None else gate * on
+        if gate is not None:
+            k, v = k * gate[:, None, :, None], v * gate[:, None, :, None]
+        return attn.kv_mixing(k), attn.kv_mixing(v)
+
     # ------------------------------------------------------------------ packed: real skipping (inference)
     @torch.no_grad()
     def packed_block(self, block: Block, x: Tensor, h: Tensor, d: Decisions) -> Tensor:
@@ -253,14 +269,25 @@ class AdaViTVisionTransformer(VisionTransformer):
         heads, dh = attn.num_heads, c // attn.num_heads
         # An explicit qk_scale (T2T-ViT's embed_dim**-0.5) as the backbone's Attention passes it; else the default.
         scale = {} if attn.qk_scale is None else {"scale": attn.qk_scale}
-        if heads_kept is None or self.head_attn:
+        if heads_kept is None or self.head_attn or attn.kv_mixing is not None:
             x = h.index_select(0, index)
-            tokens = TokenBatch.packed_rows(x, lengths)
-            # Every head runs (HEAD_ATTN: a dropped head attends to itself only, its output is its value).
+            n = h.shape[0] // lengths.numel()
+            # ids: each kept token's place in its image (frame), where XViT's shift finds its neighbours.
+            tokens = TokenBatch.packed_rows(x, lengths).replace(ids=index % n, num_initial=n)
+            # Every head runs (HEAD_ATTN: a dropped head attends to itself only, its output is its value; with a
+            # key/value shift, which mixes heads' channels across frames, a dropped head's q, k, v are zeros).
             qkv = tokens.padded(F.linear(x, attn.qkv.weight, attn.qkv.bias))
-            q, k, v = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, heads, dh).permute(2, 0, 3, 1, 4)
+            qkv = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, heads, dh)
+            zeroed = heads_kept is not None and not self.head_attn
+            if zeroed:
+                qkv = qkv * (heads_kept > 0.5).to(qkv.dtype)[:, None, None, :, None]
+            q, k, v = qkv.permute(2, 0, 3, 1, 4)
+            if attn.kv_mixing is not None:
+                k, v = attn.kv_mixing(k, tokens), attn.kv_mixing(v, tokens)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.key_mask(), **scale)
-            if heads_kept is not None:
+            if zeroed:
+                out = out * (heads_kept > 0.5).to(out.dtype)[:, :, None, None]
+            elif heads_kept is not None:
                 out = torch.where(heads_kept[:, :, None, None] > 0.5, out, v)
             out = tokens.unpadded(out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], c))
             return F.linear(out, attn.proj.weight, attn.proj.bias)
@@ -389,7 +416,7 @@ class AdaViTVisionTransformer(VisionTransformer):
                          for head in (block.head_select, block.layer_select) if head is not None)
             if block.attn.token_select is not None:
                 decide += (n - 1) * c
-            if self.head_attn:  # every head runs (a dropped head's output is its value, chosen after attention)
+            if self.head_attn or block.attn.kv_mixing is not None:  # every head runs (see _packed_attention)
                 attn = 4 * t * c * c + 2 * t * t * c
             else:  # q, k, v and attention of the kept heads; proj over all channels (the dropped ones are 0)
                 attn = 3 * t * c * w + 2 * t * t * w + t * c * c
@@ -494,8 +521,8 @@ class AdaViTT2TViT(AdaViTVisionTransformer, T2TViT):
 class AdaViTTimeSformer(AdaViTVisionTransformer, TimeSformer):
     """AdaViT on TimeSformer with joint space-time attention: its decision heads read the clip's CLS (heads, blocks)
     and every token of the clip (tokens), so a clip keeps the heads, blocks and space-time tokens it needs, as an
-    image does. Space-only, divided attention and XViT are not supported: AdaViT runs its own masked / packed
-    attention, which would have to learn the frame layout and XViT's key/value shift."""
+    image does. Space-only and divided attention are not supported: AdaViT runs its own masked / packed attention,
+    which would have to learn their frame layouts (XViT's per-frame layout is AdaViTXViT)."""
 
     def __init__(self, **kwargs):
         if kwargs.get("attention_type") != "joint_space_time":
@@ -511,6 +538,44 @@ class AdaViTTimeSformer(AdaViTVisionTransformer, TimeSformer):
         """TimeSformer's conversions (prefix), then AdaViT's (q/k/v joined, decision heads when fine-tuning)."""
         return AdaViTVisionTransformer.adapt_official_state_dict(self, TimeSformer.adapt_official_state_dict(
             self, sd, report), report)
+
+
+class AdaViTFrameViT(AdaViTVisionTransformer, FrameViT):
+    """XViT's per-frame backbone with AdaViT: every frame is an AdaViT image, its decision heads reading its own CLS
+    (heads, blocks) and tokens. The key/value shift takes from the neighbouring frames only what their blocks
+    compute (kept tokens of frames whose attention branch runs; zeros otherwise), and because it mixes heads'
+    channels across frames, a dropped head is zeroed rather than skipped in a shifted block (its MACs are counted)."""
+
+
+@MODEL_REGISTRY.register()
+class AdaViTXViT(XViT):
+    """AdaViT on XViT (AdaViTFrameViT as the backbone, the temporal head unchanged), with AdaViT's usage losses;
+    loads XViT checkpoints (decision heads newly initialised when fine-tuning, reported)."""
+
+    frame_model = AdaViTFrameViT
+
+    @staticmethod
+    def frame_model_kwargs(cfg) -> dict:
+        return adavit_kwargs(cfg)
+
+    def auxiliary_losses(self) -> Dict[str, Tensor]:
+        return self.base_model.auxiliary_losses()
+
+    def image_statistics(self) -> Dict[str, Tensor]:
+        """Per clip: the usage of heads, branches and tokens averaged over its frames ([B, depth] each). The
+        official GFLOPs table describes a DeiT image and is left out."""
+        b, _, t = self.last_clip_shape[:3]
+        return {k: v.reshape(b, t, -1).mean(dim=1) for k, v in self.base_model.usage_per_block().items()}
+
+    def adapt_official_state_dict(self, sd: dict, report) -> dict:
+        """XViT's conversions, then AdaViT's on the backbone's keys (q/k/v joined, decision heads when
+        fine-tuning)."""
+        sd = XViT.adapt_official_state_dict(self, sd, report)
+        prefix = "base_model."
+        inner = self.base_model.adapt_official_state_dict(
+            {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, report)
+        return {**{k: v for k, v in sd.items() if not k.startswith(prefix)},
+                **{prefix + k: v for k, v in inner.items()}}
 
 
 def adavit_kwargs(cfg) -> dict:
@@ -622,7 +687,7 @@ def add_adavit_config(cfg) -> None:
     cfg.ADAVIT.OFFICIAL_BASE_GFLOPS = 0.06
 
 
-ADAVIT_MODELS = ("AdaViTVisionTransformer", "AdaViTT2TViT", "AdaViTTimeSformer")
+ADAVIT_MODELS = ("AdaViTVisionTransformer", "AdaViTT2TViT", "AdaViTTimeSformer", "AdaViTXViT")
 
 
 def validate_adavit_config(cfg) -> None:

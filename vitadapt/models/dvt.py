@@ -27,7 +27,6 @@ training, every exit runs on every image (the official forward); the logits of a
 (training sums their losses, `tools/run_net.py` derives the budgeted curves from them).
 """
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -41,6 +40,7 @@ from vitadapt.config import ConfigError, register_config
 from .build import MODEL_REGISTRY
 from .t2t import TOKEN_GRIDS, T2TViT, t2t_kwargs, unfold_size
 from .tokens import TokenAdapter, TokenBatch
+from .video import TimeSformer, XViT, check_undivided, check_video
 from .vit import Block, VisionTransformer, _init_linear_and_norm, vit_kwargs
 
 STAGE_NAMES = ("less_less_token", "less_token", "normal_token")  # official attribute names = state-dict prefixes
@@ -58,12 +58,15 @@ def resample_1d(src: int, dst: int) -> Tensor:
     return pooled.reshape(src, dst).t()
 
 
-def resample_matrix(src: int, dst: int) -> Tensor:
-    """[dst*dst + 1, src*src + 1]: the official resampling (nearest 2x upsampling, adaptive average pooling to
-    dst x dst) of flattened grids as one matrix, with a leading row and column passing the CLS token."""
-    full = torch.zeros(dst * dst + 1, src * src + 1, dtype=torch.float64)
+def resample_matrix(src: int, dst: int, frames: int = 1) -> Tensor:
+    """[dst*dst*F + 1, src*src*F + 1]: the official resampling (nearest 2x upsampling, adaptive average pooling to
+    dst x dst) of flattened grids as one matrix, with a leading row and column passing the CLS token. With F frames
+    in one sequence (TimeSformer's joint attention: patch n of frame t at 1 + n * F + t), every frame is resampled
+    on its own: the spatial map times the identity over frames."""
+    spatial = torch.kron(resample_1d(src, dst), resample_1d(src, dst)).contiguous()
+    full = torch.zeros(dst * dst * frames + 1, src * src * frames + 1, dtype=torch.float64)
     full[0, 0] = 1.0
-    full[1:, 1:] = torch.kron(resample_1d(src, dst), resample_1d(src, dst))
+    full[1:, 1:] = torch.kron(spatial, torch.eye(frames, dtype=torch.float64))
     return full
 
 
@@ -121,14 +124,24 @@ class StageOutput:
     """What a stage hands to the next one, for the images it ran on."""
 
     logits: Tensor  # [B, classes]
-    features: Tensor  # [B, N + 1, C] last block output before the final norm (feature reuse input)
+    # [S, L, C] last block output before the final norm (feature reuse input), one row per sequence: S = B for
+    # images and joint space-time clips, B * T for per-frame sequences (XViT, TimeSformer space only).
+    features: Tensor
     side: int  # token grid side
-    relations: Optional[List[Tensor]] = None  # per block [B, H, N + 1, N + 1] pre-softmax logits, bias included
+    relations: Optional[List[Tensor]] = None  # per block [S, H, L, L] pre-softmax logits, bias included
     trace: Dict[str, object] = field(default_factory=dict)  # intermediates, when DVT.trace is set
 
+    @property
+    def frames(self) -> int:
+        """Frames in one sequence: L = 1 + side * side * frames."""
+        return (self.features.shape[1] - 1) // (self.side * self.side)
+
     def select(self, rows: Tensor) -> "StageOutput":
-        relations = None if self.relations is None else [r[rows] for r in self.relations]
-        return StageOutput(self.logits[rows], self.features[rows], self.side, relations)
+        """The inputs (images or clips) at the bool mask `rows`, with all their sequences."""
+        per_input = self.features.shape[0] // self.logits.shape[0]
+        seq = rows.repeat_interleave(per_input) if per_input > 1 else rows
+        relations = None if self.relations is None else [r[seq] for r in self.relations]
+        return StageOutput(self.logits[rows], self.features[seq], self.side, relations)
 
 
 @MODEL_REGISTRY.register()
@@ -204,19 +217,20 @@ class DVT(nn.Module):
         self.thresholds = values[: self.num_exits - 1]
 
     def no_weight_decay(self):
-        return {f"{name}.{key}" for name, stage in zip(STAGE_NAMES, self.stages) for key in stage.no_weight_decay()}
+        return {f"{name}.{key}" for name, stage in zip(STAGE_NAMES, self.stages)
+                for key in getattr(stage, "no_weight_decay", lambda: ())()}
 
     # ----------------------------------------------------------------------------------------------- one stage
-    def _resampler(self, src: int, dst: int, like: Tensor) -> Tensor:
-        key = (src, dst, like.device, like.dtype)
+    def _resampler(self, src: int, dst: int, like: Tensor, frames: int = 1) -> Tensor:
+        key = (src, dst, frames, like.device, like.dtype)
         if key not in self._resamplers:
-            self._resamplers[key] = resample_matrix(src, dst).to(device=like.device, dtype=like.dtype)
+            self._resamplers[key] = resample_matrix(src, dst, frames).to(device=like.device, dtype=like.dtype)
         return self._resamplers[key]
 
     def _relation_bias(self, stage: VisionTransformer, upstream: StageOutput, side: int) -> List[Tensor]:
         """Per block [B, H, N + 1, N + 1]: the upstream logits mixed over heads x blocks, resampled to this grid."""
         mixed = _pointwise(stage.relation_reuse_conv, torch.cat(upstream.relations, dim=1))  # [B, HD, n + 1, n + 1]
-        resample = self._resampler(upstream.side, side, mixed)  # [N + 1, n + 1]
+        resample = self._resampler(upstream.side, side, mixed, upstream.frames)  # [N + 1, n + 1]
         bias = torch.matmul(resample, torch.matmul(mixed, resample.t()))  # keys, then queries
         return list(bias.chunk(len(stage.blocks), dim=1))
 
@@ -239,13 +253,13 @@ class DVT(nn.Module):
                           torch.stack([m[1].fc2.weight for m in mlps]).transpose(1, 2))
         h = mlps[0][1].drop2(h).reshape(len(mlps) * b, n, fc2.out_features)
         # The resampling matrix's CLS row takes no patch: the reused channels of the CLS token are zero.
-        out = torch.matmul(self._resampler(upstream.side, side, h)[:, 1:], h[:, 1:])
+        out = torch.matmul(self._resampler(upstream.side, side, h, upstream.frames)[:, 1:], h[:, 1:])
         return list(out.reshape(len(mlps), b, -1, fc2.out_features).unbind(0))
 
     def run_stage(self, k: int, images: Tensor, upstream: Optional[StageOutput]) -> StageOutput:
         stage = self.stages[k]
         tokens = stage.embed(images)
-        side = math.isqrt(tokens.x.shape[1] - 1)
+        side = stage_side(stage, images.shape[-1])
         reuse = upstream is not None
         biases = self._relation_bias(stage, upstream, side) if reuse and self.relation_reuse else None
         features = self._reused_features(stage, upstream, side) if reuse and self.feature_reuse else None
@@ -266,7 +280,7 @@ class DVT(nn.Module):
         for block in stage.blocks:
             block.adapter.clear()  # the tensors of this forward are not kept past it
         features = tokens.x
-        normed = tokens.replace(x=stage.norm(features))
+        normed = stage.final_tokens(tokens)
         logits = stage.forward_head(normed)
         if self.trace:
             trace.update(pre_logits=normed.cls_tokens(), features=features, relations=relations)
@@ -324,11 +338,16 @@ class DVT(nn.Module):
             per_stage, upstream = [], None
             for k, stage in enumerate(self.stages):
                 side = stage_side(stage, size)
-                per_stage.append(_stage_macs(stage, side, upstream, k > 0 and self.feature_reuse,
-                                             k > 0 and self.relation_reuse, size))
+                per_stage.append(self.stage_macs(stage, side, upstream, size))
                 upstream = side
             self._exit_macs[size] = torch.tensor(per_stage, dtype=torch.float64).cumsum(0)
         return self._exit_macs[size]
+
+    def stage_macs(self, stage: VisionTransformer, side: int, upstream: Optional[int], size: int) -> float:
+        """MACs of one input through one stage whose token grid is side x side (upstream: the grid side of the stage
+        before, None for the first)."""
+        reuse = upstream is not None
+        return _stage_macs(stage, side, upstream, reuse and self.feature_reuse, reuse and self.relation_reuse, size)
 
     def macs_per_image(self) -> Tensor:
         """[B] MACs of each image of the last forward: the cumulative cost of the exit it left at."""
@@ -341,8 +360,7 @@ class DVT(nn.Module):
 def stage_side(stage: VisionTransformer, size: int) -> int:
     if isinstance(stage, T2TViT):
         return stage.tokens_to_token.grid_sizes(size)[-1]
-    proj = stage.patch_embed.proj
-    return (size + 2 * proj.padding[0] - proj.kernel_size[0]) // proj.stride[0] + 1
+    return stage.grid_for((size, size))[0]
 
 
 def _norm_macs(elements: int) -> int:
@@ -350,9 +368,14 @@ def _norm_macs(elements: int) -> int:
 
 
 def _stage_macs(stage: VisionTransformer, side: int, upstream: Optional[int], feature_reuse: bool,
-                relation_reuse: bool, size: int) -> int:
-    """MACs of one image through one stage (fvcore conventions on the official graph, see DVT.exit_macs)."""
-    n = side * side + 1
+                relation_reuse: bool, size: int, sequences: int = 1, frames: int = 1,
+                head: Optional[float] = None) -> float:
+    """MACs of one input through one stage (fvcore conventions on the official graph, see DVT.exit_macs). An image
+    is one sequence of one frame; a clip of T frames is one sequence of T frames (TimeSformer's joint attention) or
+    T sequences of one frame (per-frame backbones), each frame resampled as an image. `head`: the MACs after the last
+    block (default: the final norm over every token and the linear classifier)."""
+    n = side * side * frames + 1  # tokens per sequence
+    total_frames = sequences * frames
     dim = stage.embed_dim
     if isinstance(stage, T2TViT):
         t2t = stage.tokens_to_token
@@ -361,24 +384,108 @@ def _stage_macs(stage: VisionTransformer, side: int, upstream: Optional[int], fe
                                      for t, p in ((n0, t2t.attention1), (n1, t2t.attention2)))
     else:
         proj = stage.patch_embed.proj
-        embed = (n - 1) * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * dim
+        embed = total_frames * side * side * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * dim
     total = embed
+    m = None if upstream is None else upstream * upstream * frames + 1  # upstream tokens per sequence
     for block in stage.blocks:
         width = block.norm2.normalized_shape[0]  # C, or C + 48 with feature reuse
         hidden = block.mlp.fc1.out_features
-        total += _norm_macs(n * dim) + 4 * n * dim * dim + 2 * n * n * dim  # norm1, qkv + proj, QK^T + AV
-        total += _norm_macs(n * width) + n * width * hidden + n * hidden * dim  # norm2, MLP
+        per_sequence = _norm_macs(n * dim) + 4 * n * dim * dim + 2 * n * n * dim  # norm1, qkv + proj, QK^T + AV
+        per_sequence += _norm_macs(n * width) + n * width * hidden + n * hidden * dim  # norm2, MLP
         if feature_reuse:
-            m = upstream * upstream + 1
-            total += _norm_macs(m * dim) + m * dim * REUSE_HIDDEN + m * REUSE_HIDDEN * REUSE_CHANNELS
-            total += 2 * REUSE_CHANNELS * (2 * upstream) ** 2  # upsampled elements, then pooled ones
+            per_sequence += _norm_macs(m * dim) + m * dim * REUSE_HIDDEN + m * REUSE_HIDDEN * REUSE_CHANNELS
+            total += total_frames * 2 * REUSE_CHANNELS * (2 * upstream) ** 2  # upsampled elements, then pooled ones
+        total += sequences * per_sequence
     if relation_reuse:
-        m = upstream * upstream + 1
         channels = stage.relation_reuse_conv[0].in_channels
-        total += 2 * m * m * channels * 3 * channels  # the two 1x1 convolutions
-        total += 2 * channels * (m + n) * (2 * upstream) ** 2  # keys then queries: upsampled + pooled elements
-    total += _norm_macs(n * dim) + dim * stage.num_classes
+        total += sequences * 2 * m * m * channels * 3 * channels  # the two 1x1 convolutions
+        total += total_frames * 2 * channels * (m + n) * (2 * upstream) ** 2  # keys then queries: upsampled + pooled
+    total += (sequences * _norm_macs(n * dim) + dim * stage.num_classes) if head is None else head
     return total
+
+
+class VideoDVT(DVT):
+    """DVT on a video backbone: every exit reads each frame of the clip as a coarser or finer token grid
+    (DVT.PATCH_SIZES / PATCH_PADDINGS, per frame), and a clip (one view) stops at the first exit confident about the
+    clip, with all its frames. Reuse is frame by frame: an upstream frame's features and attention logits are
+    resampled to the same frame of the finer grid (resample_matrix with frames), so attention between frames
+    (TimeSformer's joint attention) carries over as it was. Costs are per clip (exit_macs, macs_per_image)."""
+
+    takes_video = True
+
+    def __init__(self, stages, feature_reuse: bool = True, relation_reuse: bool = True, thresholds=None,
+                 img_size: int = 224, num_frames: int = 8):
+        super().__init__(stages, feature_reuse, relation_reuse, thresholds, img_size)
+        self.num_frames = num_frames
+
+    def forward(self, video: Tensor) -> Tensor:
+        check_video(video, type(self).__name__)
+        if video.shape[2] != self.num_frames:  # costs are per clip of the last forward's length
+            self.num_frames = video.shape[2]
+            self._exit_macs.clear()
+        return super().forward(video)
+
+    def layout(self, stage) -> Tuple[int, int]:
+        """(sequences per clip, frames per sequence) of a stage's tokens."""
+        raise NotImplementedError
+
+    def head_macs(self, stage, side: int) -> float:
+        raise NotImplementedError
+
+    def stage_macs(self, stage, side: int, upstream: Optional[int], size: int) -> float:
+        reuse = upstream is not None
+        sequences, frames = self.layout(stage)
+        return _stage_macs(stage, side, upstream, reuse and self.feature_reuse, reuse and self.relation_reuse, size,
+                           sequences, frames, self.head_macs(stage, side))
+
+
+@MODEL_REGISTRY.register()
+class DVTTimeSformer(VideoDVT):
+    """DVT with TimeSformer exits (TIMESFORMER.ATTENTION_TYPE joint_space_time: one sequence of 1 + N * T tokens per
+    clip, whose attention logits between all frames are reused; or space_only: each frame a sequence, reused as a
+    DVT image). Divided attention is refused: its two attentions per block would each need their own reuse."""
+
+    @classmethod
+    def from_config(cls, cfg) -> "DVTTimeSformer":
+        d = cfg.DVT
+        check_undivided("DVT", cfg.TIMESFORMER.ATTENTION_TYPE)
+        stages = [TimeSformer(**dict(TimeSformer.config_kwargs(cfg), patch_size=d.PATCH_SIZES[k],
+                                     patch_padding=d.PATCH_PADDINGS[k])) for k in range(cls.num_exits)]
+        return cls(stages, d.FEATURE_REUSE, d.RELATION_REUSE, d.THRESHOLDS or None, cfg.DATA.TEST_CROP_SIZE,
+                   cfg.DATA.NUM_FRAMES)
+
+    def layout(self, stage: TimeSformer) -> Tuple[int, int]:
+        return (1, self.num_frames) if stage.attention_type == "joint_space_time" else (self.num_frames, 1)
+
+    def head_macs(self, stage: TimeSformer, side: int) -> float:
+        sequences, frames = self.layout(stage)
+        normed = 1 if stage.attention_type == "space_only" else side * side * frames + 1  # space only: the mean CLS
+        return _norm_macs(normed * stage.embed_dim) + stage.embed_dim * stage.num_classes
+
+
+@MODEL_REGISTRY.register()
+class DVTXViT(VideoDVT):
+    """DVT with XViT exits: each exit an XViT (per-frame ViT with the space-time mixing shift, and its own temporal
+    head); the frames are reused as DVT images, the shift mixes each exit's own keys and values."""
+
+    @classmethod
+    def from_config(cls, cfg) -> "DVTXViT":
+        d = cfg.DVT
+        stages = []
+        for k in range(cls.num_exits):
+            view = cfg.clone()
+            view.defrost()
+            view.VIT.PATCH_SIZE = d.PATCH_SIZES[k]
+            stages.append(XViT.from_config(view, patch_padding=d.PATCH_PADDINGS[k]))
+        return cls(stages, d.FEATURE_REUSE, d.RELATION_REUSE, d.THRESHOLDS or None, cfg.DATA.TEST_CROP_SIZE,
+                   cfg.DATA.NUM_FRAMES)
+
+    def layout(self, stage: XViT) -> Tuple[int, int]:
+        return self.num_frames, 1
+
+    def head_macs(self, stage: XViT, side: int) -> float:
+        # The final norm on every token of every frame (base_model.norm), then the temporal head.
+        return self.num_frames * _norm_macs((side * side + 1) * stage.embed_dim) + stage.consensus.macs(self.num_frames)
 
 
 # --------------------------------------------------------------------------------------------------- config
@@ -419,11 +526,19 @@ def add_dvt_config(cfg) -> None:
 
 
 def validate_dvt_config(cfg) -> None:
-    if cfg.MODEL.NAME != "DVT":
+    model = MODEL_REGISTRY.get(cfg.MODEL.NAME)
+    if not issubclass(model, DVT):
         return
     d, k = cfg.DVT, DVT.num_exits
     if d.BACKBONE not in BACKBONES:
         raise ConfigError(f"DVT.BACKBONE {d.BACKBONE!r}: expected one of {', '.join(BACKBONES)}")
+    if issubclass(model, VideoDVT) and d.BACKBONE != "VisionTransformer":
+        raise ConfigError(f"{cfg.MODEL.NAME}'s exits are video backbones with DVT.PATCH_SIZES / PATCH_PADDINGS; "
+                          f"DVT.BACKBONE {d.BACKBONE!r} is for images (MODEL.NAME DVT)")
+    if issubclass(model, DVTTimeSformer) and cfg.TIMESFORMER.ATTENTION_TYPE == "divided_space_time":
+        raise ConfigError("DVTTimeSformer runs with TIMESFORMER.ATTENTION_TYPE joint_space_time or space_only; "
+                          "divided space-time attention is not supported (its two attentions per block would each "
+                          "need their own relation reuse)")
     for key in ("PATCH_SIZES", "PATCH_PADDINGS", "TOKENS_TYPES"):
         if len(d[key]) != k:
             raise ConfigError(f"DVT.{key} needs one value per exit ({k}), got {list(d[key])}")
@@ -442,6 +557,10 @@ def validate_dvt_config(cfg) -> None:
                 if d.PATCH_SIZES[i] < 1 or d.PATCH_PADDINGS[i] < 0:
                     raise ConfigError(f"DVT.PATCH_SIZES / PATCH_PADDINGS [{i}]: {d.PATCH_SIZES[i]} / "
                                       f"{d.PATCH_PADDINGS[i]}, expected a size >= 1 and a padding >= 0")
+                if d.PATCH_PADDINGS[i] == 0 and crop % d.PATCH_SIZES[i]:
+                    raise ConfigError(f"DVT.PATCH_SIZES[{i}] = {d.PATCH_SIZES[i]} does not divide the {crop} px crop; "
+                                      f"give DVT.PATCH_PADDINGS[{i}] > 0 (zero padding, as the official 23 px "
+                                      "patches with 3 px at 224 px) or another size")
                 side = unfold_size(crop, d.PATCH_SIZES[i], d.PATCH_SIZES[i], d.PATCH_PADDINGS[i])
             if side < 1:
                 raise ConfigError(f"DVT exit {i + 1} has no token for a {crop} px crop")

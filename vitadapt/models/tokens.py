@@ -168,6 +168,35 @@ class TokenBatch:
             keep_rows = keep_rows & live
         return self._packed(x[keep_rows], ids[keep_rows], torch.bincount(image[keep_rows], minlength=self.batch_size))
 
+    def packed_live(self) -> "TokenBatch":
+        """The live tokens of a dense or masked batch packed together, in their order: per-token layers then run
+        on them only (a layout that must keep every token in place, such as TimeSformer's divided space-time grid,
+        packs around each sub-layer and writes the result back with `into_grid`)."""
+        return self.replace(execution="packed").filter(self.live_mask().reshape(-1))
+
+    def into_grid(self, grid: "TokenBatch") -> "TokenBatch":
+        """This batch's live tokens written into `grid` (dense or masked, [B, N, C], the same images) at their ids,
+        which are positions in the grid's rows: they are its live tokens, every other slot is dropped and keeps
+        what it held."""
+        x, ids, image, live = self.rows()
+        if live is not None:
+            x, ids, image = x[live], ids[live], image[live]
+        keep = torch.zeros(grid.x.shape[:2], dtype=torch.bool, device=x.device).index_put_((image, ids),
+                                                                                          torch.ones_like(ids, dtype=torch.bool))
+        return grid.replace(x=grid.x.index_put((image, ids), x), keep=keep)
+
+    def grid_layout(self, t: Tensor, width: int, dim: int = 1) -> Tensor:
+        """A per-token tensor in the padded layout (token axis `dim`) moved to grid positions (ids) of rows of
+        `width` slots, zeros elsewhere: the inverse of reading a grid through `packed_live`."""
+        if not self.is_packed:
+            return t
+        t = t.movedim(dim, 1)
+        ids, live = self.padded(self.ids), self.live_mask()
+        out = t.new_zeros(t.shape[0], width, *t.shape[2:])
+        image = torch.arange(t.shape[0], device=t.device)[:, None].expand_as(ids)
+        out[image[live], ids[live]] = t[live]
+        return out.movedim(1, dim)
+
     def _packed(self, x: Tensor, ids: Tensor, lengths: Tensor) -> "TokenBatch":
         """This batch with the packed tokens x [T, C] (lengths[b] of image b, one image after the other)."""
         width = int(lengths.max()) if lengths.numel() else 0

@@ -57,6 +57,17 @@ def from_frames(per_frame: Tensor, frames: int) -> Tensor:
         bt // frames, n * frames, *per_frame.shape[2:])
 
 
+def compacts(grid: TokenBatch) -> bool:
+    """Packed execution of a grid with dropped tokens: sub-layers run on its live tokens only."""
+    return grid.keep is not None and grid.execution == "packed"
+
+
+def on_live(layer, grid: TokenBatch) -> TokenBatch:
+    """layer(tokens) -> tokens on a grid whose tokens must stay in place: on its live tokens only, written back into
+    the grid, when it compacts; on the grid as it is otherwise."""
+    return layer(grid.packed_live()).into_grid(grid) if compacts(grid) else layer(grid)
+
+
 class DividedSpaceTimeBlock(Block):
     """TimeSformer's divided space-time attention (official Block, attention_type 'divided_space_time').
 
@@ -67,9 +78,11 @@ class DividedSpaceTimeBlock(Block):
     3. the shared MLP sub-layer on the whole sequence.
     Keys: the plain Block's plus temporal_norm1, temporal_attn.{qkv,proj} and temporal_fc.
 
-    A token method (spec video.md 3.4) marks tokens dropped in a [B, 1 + N * T] keep mask; tokens never move, since
-    both attentions need the full (location, frame) grid. A dropped token is no key in the temporal attention of
-    its location nor in the spatial attention of its frame, and gets no update. The method's after_attention
+    A token method (spec video.md 3.4) marks tokens dropped in a [B, 1 + N * T] keep mask; tokens keep their place,
+    since both attentions need the (location, frame) grid. A dropped token is no key in the temporal attention of
+    its location nor in the spatial attention of its frame, and gets no update. Packed execution packs the live
+    tokens of each sub-layer's layout (locations, frames, clip) and computes it on them only, then writes them back
+    into the grid (`on_live`); masked execution computes the whole grid, as the official block would. The method's after_attention
     runs after the spatial attention, per frame (adapter.video_scope "frame": each frame's CLS copy scores its
     frame) or once per clip ("clip": the frame-averaged CLS attention scores all N * T tokens, the attention the
     official CLS update averages).
@@ -95,33 +108,42 @@ class DividedSpaceTimeBlock(Block):
         n = (length - 1) // t
         live = tokens.live_mask()[:, 1:]  # [B, N * T] patch tokens no method dropped
         masked = tokens.keep is not None
-        along_time = TokenBatch.dense(x[:, 1:].reshape(b * n, t, c))  # one row per (clip, location)
+        along_time = TokenBatch.dense(x[:, 1:].reshape(b * n, t, c), tokens.execution)  # one row per location
         if masked:
             along_time = along_time.with_keep(live.reshape(b * n, t))
-        out = self.temporal_attn(self.temporal_norm1(along_time.x), along_time)[0]
-        out = self.temporal_fc(along_time.drop_path(out, self.drop_path, self.training).reshape(b, n * t, c))
+        out = on_live(self.temporal_residual_update, along_time).x.reshape(b, n * t, c)
         patches = x[:, 1:] + (out * live[..., None].to(out.dtype) if masked else out)
         frames = TokenBatch.dense(torch.cat([x[:, :1].repeat_interleave(t, dim=0), to_frames(patches, t)], dim=1),
-                                  "masked")  # tokens stay in place: the grid is rebuilt below
+                                  tokens.execution)  # tokens stay in place: the grid is rebuilt below
         if masked:
             frames = frames.with_keep(torch.cat([live.new_ones(b * t, 1), to_frames(live, t)], dim=1))
         frame_live = frames.num_live()
-        frames, cls_attention, values = self.attention_residual(frames, adapter)
+        spatial = frames.packed_live() if compacts(frames) else frames
+        out, cls_attention, values = self.attention_residual(spatial, adapter)
         if adapter is not None and adapter.video_scope == "frame":
-            frames = adapter.after_attention(frames, cls_attention, values)
+            out = adapter.after_attention(out, cls_attention, values)
+        if spatial.is_packed and cls_attention is not None:  # the clip scope reads them on the grid
+            cls_attention, values = spatial.grid_layout(cls_attention, 1 + n, 2), spatial.grid_layout(values, 1 + n, 2)
+        frames = out.into_grid(frames) if out.is_packed else out  # a selection in packed execution packs too
         cls = frames.x[:, :1].reshape(b, t, 1, c).mean(dim=1)
         keep = None if frames.keep is None else torch.cat([live.new_ones(b, 1), from_frames(frames.keep[:, 1:], t)],
                                                           dim=1)
         clip = tokens.replace(x=torch.cat([cls, from_frames(frames.x[:, 1:], t)], dim=1), keep=keep)
         if adapter is not None and adapter.video_scope == "clip":
-            clip = adapter.after_attention(clip, *clip_attention(cls_attention, values, t))
+            selected = adapter.after_attention(clip, *clip_attention(cls_attention, values, t))
+            clip = selected.into_grid(clip) if selected.is_packed else selected
         n_attn, n_mlp = 1 + live.sum(dim=1), clip.num_live()
         clip.token_counts.append(torch.stack([n_attn, n_mlp], dim=1))
         self.count_macs(live.reshape(b, n, t).sum(dim=2), frame_live.reshape(b, t), n_mlp)
-        tokens = self.feed_forward(clip, adapter)
+        tokens = on_live(lambda rows: self.feed_forward(rows, adapter), clip)
         if adapter is not None:
             tokens = adapter.after_block(tokens)
         return tokens
+
+    def temporal_residual_update(self, rows: TokenBatch) -> TokenBatch:
+        """temporal_fc(temporal attention): the update of the patch tokens, rows of one location's T frames."""
+        out = self.temporal_attn(self.temporal_norm1(rows.x), rows)[0]
+        return rows.replace(x=self.temporal_fc(rows.drop_path(out, self.drop_path, self.training)))
 
     def count_macs(self, per_location: Tensor, per_frame: Tensor, n_mlp: Tensor) -> None:
         """The block's cost per clip from its live tokens: per_location [B, N] live patch tokens of each location
@@ -185,7 +207,8 @@ class TimeSformer(VisionTransformer):
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.1, head_drop_rate: float = 0.0, token_execution: str = "packed",
-                 num_frames: int = 8, attention_type: str = "divided_space_time", pos_resize: str = "official"):
+                 num_frames: int = 8, attention_type: str = "divided_space_time", pos_resize: str = "official",
+                 patch_padding: int = 0):
         if attention_type not in ATTENTION_TYPES:
             raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got '{attention_type}'")
         if pos_resize not in POS_EMBED_RESIZES:
@@ -194,7 +217,7 @@ class TimeSformer(VisionTransformer):
         block = DividedSpaceTimeBlock if attention_type == "divided_space_time" else Block
         super().__init__(img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio,
                          qkv_bias, drop_rate, attn_drop_rate, drop_path_rate, head_drop_rate, token_execution,
-                         block_class=block)
+                         patch_padding=patch_padding, block_class=block)
         if attention_type != "space_only":
             self.time_embed = nn.Parameter(torch.zeros(1, num_frames, embed_dim))  # zero: the official init
             self.time_drop = nn.Dropout(drop_rate)
@@ -227,16 +250,16 @@ class TimeSformer(VisionTransformer):
         check_video(video, "TimeSformer")
         b, _, t, h, w = video.shape
         x = self.patch_embed(frames_of(video))  # [B * T, N, C]
-        grid = (h // self.patch_embed.patch_size[0], w // self.patch_embed.patch_size[1])
+        grid = self.grid_for((h, w))
         pos = self.pos_embed
         if grid != tuple(self.patch_grid):  # official: nearest 2-D resize of the grid in the forward
             pos = resize_pos_grid(pos, grid, mode="nearest")
         x = self.pos_drop(torch.cat([self.cls_token.expand(b * t, -1, -1), x], dim=1) + pos)
         if self.attention_type == "space_only":
             return TokenBatch.dense(x, self.token_execution, frames=t)
-        # Divided attention keeps every token in place (its blocks need the (location, frame) grid): a method's
-        # selection runs masked there.
-        execution = "masked" if self.attention_type == "divided_space_time" else self.token_execution
+        # Divided attention keeps every token in place (its blocks need the (location, frame) grid); packed execution
+        # computes each of its sub-layers on the live tokens only (DividedSpaceTimeBlock).
+        execution = self.token_execution
         n, c = x.shape[1] - 1, x.shape[2]
         time = self.time_embed if self.time_embed.shape[1] == t else resize_sequence(self.time_embed, t)
         patches = x[:, 1:].reshape(b, t, n, c).transpose(1, 2) + time[:, None]  # [B, N, T, C]
@@ -245,7 +268,9 @@ class TimeSformer(VisionTransformer):
 
     def forward_features(self, video: Tensor) -> TokenBatch:
         # run_blocks traces token ids per sequence (a clip, or a frame for space only): see frame_token_ids.
-        tokens = self.run_blocks(self.embed(video))
+        return self.final_tokens(self.run_blocks(self.embed(video)))
+
+    def final_tokens(self, tokens: TokenBatch) -> TokenBatch:
         if self.attention_type == "space_only":
             # Official: the frames' sequences averaged, the final norm, then the CLS. The norm works per token, so
             # the frames' CLS tokens averaged are all it needs (whatever tokens a method left in each frame).
@@ -282,8 +307,8 @@ class TimeSformer(VisionTransformer):
         return out
 
     def macs_per_image(self, layer_norms: bool = False) -> Tensor:
-        """[B] MACs per clip of the last forward, from the tokens each block saw (joint, space only; divided
-        attention runs every token). `layer_norms` adds fvcore's 5 per normalised element, the convention of the
+        """[B] MACs per clip of the last forward, from the tokens each block saw (divided attention: the live
+        tokens of each of its sub-layers, what packed execution computes). `layer_norms` adds fvcore's 5 per normalised element, the convention of the
         official FLOPs figures (spec video.md 1.8)."""
         b, _, t, h, w = self.last_clip_shape
         c = self.embed_dim
@@ -413,27 +438,38 @@ class TemporalShift(nn.Module):
         # Tokens by original position: scatter into the full grid, shift it, read every token's position back.
         ids, live = tokens.padded(tokens.ids), tokens.live_mask()
         live = live & (ids >= 0) & (ids < tokens.num_initial)
-        slot = torch.where(live, ids, tokens.num_initial)  # dead slots and made-up tokens go to a spare column
-        grid = x.new_zeros(r, heads, tokens.num_initial + 1, d)
-        grid.scatter_(2, slot[:, None, :, None].expand(-1, heads, -1, d), x * live[:, None, :, None])
-        grid[:, :, -1] = 0
-        shifted = self.shift(grid)
-        own = x.transpose(1, 2).reshape(r, length, -1)  # the unshifted channels stay the token's own
-        out = shifted.gather(2, slot[:, None, :, None].expand(-1, heads, -1, d)).transpose(1, 2).reshape(r, length, -1)
-        fold = heads * d // self.fold_div
-        out = torch.cat([out[..., :2 * fold], own[..., 2 * fold:]], dim=-1)
-        return out.reshape(r, length, heads, d).transpose(1, 2)
+        slot = torch.where(live, ids, tokens.num_initial)[..., None]  # dead slots, made-up tokens: a spare column
+
+        def by_position(moving: Tensor) -> Tensor:
+            index = slot.expand(-1, -1, moving.shape[-1])
+            grid = moving.new_zeros(r, tokens.num_initial + 1, moving.shape[-1])
+            grid.scatter_(1, index, moving * live[..., None].to(moving.dtype))
+            grid[:, -1] = 0
+            return self._shift(grid).gather(1, index)
+
+        return self._move_channels(x, by_position)
 
     def shift(self, x: Tensor) -> Tensor:
+        """x [R, heads, L, head_dim] shifted as the sequence is, whatever the tokens (no position alignment)."""
+        return self._move_channels(x, self._shift)
+
+    def _move_channels(self, x: Tensor, move) -> Tensor:
+        """Only the 2 C / div shifted channels move (channels last, through `move`); the others stay the token's."""
         r, heads, length, d = x.shape
-        c = heads * d
-        fold = c // self.fold_div
-        x = x.transpose(1, 2).reshape(r // self.segments, self.segments, length, c)
-        zeros = x.new_zeros(x.shape[0], 1, length, fold)
-        out = torch.cat([torch.cat([x[:, 1:, :, :fold], zeros], dim=1),  # from frame t + 1
-                         torch.cat([zeros, x[:, :-1, :, fold:2 * fold]], dim=1),  # from frame t - 1
-                         x[..., 2 * fold:]], dim=-1)
+        channels = x.transpose(1, 2).reshape(r, length, heads * d)
+        moved = move(channels[..., :2 * (heads * d // self.fold_div)])
+        out = torch.cat([moved, channels[..., moved.shape[-1]:]], dim=-1)
         return out.reshape(r, length, heads, d).transpose(1, 2)
+
+    def _shift(self, x: Tensor) -> Tensor:
+        """[R, L, 2 fold] channels: [0, fold) from the next frame of the segment, [fold, 2 fold) from the previous."""
+        r, length, width = x.shape
+        fold = width // 2
+        x = x.reshape(r // self.segments, self.segments, length, width)
+        zeros = x.new_zeros(x.shape[0], 1, length, fold)
+        out = torch.cat([torch.cat([x[:, 1:, :, :fold], zeros], dim=1),
+                         torch.cat([zeros, x[:, :-1, :, fold:]], dim=1)], dim=-1)
+        return out.reshape(r, length, width)
 
 
 class FrameViT(VisionTransformer):
@@ -447,9 +483,10 @@ class FrameViT(VisionTransformer):
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  feature_drop_rate: float = 0.0, token_execution: str = "packed", num_frames: int = 8,
-                 segments: int = 8, shift_div: int = 8, shift_blocks: Sequence[int] = ()):
+                 segments: int = 8, shift_div: int = 8, shift_blocks: Sequence[int] = (), patch_padding: int = 0):
         super().__init__(img_size, patch_size, in_chans, 0, embed_dim, depth, num_heads, mlp_ratio, qkv_bias,
-                         drop_rate, attn_drop_rate, drop_path_rate, feature_drop_rate, token_execution)
+                         drop_rate, attn_drop_rate, drop_path_rate, feature_drop_rate, token_execution,
+                         patch_padding=patch_padding)
         self.temp_embed = nn.Parameter(torch.zeros(1, num_frames, 1, embed_dim))
         self.segments = segments
         for i in shift_blocks:
@@ -472,7 +509,7 @@ class FrameViT(VisionTransformer):
             raise ValueError(f"XViT groups the frames of a clip by {groups} (XVIT.NUM_FRAMES_EMBED) and "
                              f"{self.segments} (XVIT.NUM_SEGMENTS): the clip length must be a multiple of both")
         x = self.patch_embed(frames)
-        grid = tuple(int(s) // p for s, p in zip(frames.shape[-2:], self.patch_embed.patch_size))
+        grid = self.grid_for(frames.shape[-2:])
         x = self.pos_drop(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed_at(grid))
         x = (x.reshape(-1, groups, *x.shape[1:]) + self.temp_embed).reshape(x.shape)
         return TokenBatch.dense(x, self.token_execution, frames=groups)
@@ -528,7 +565,8 @@ class XViT(nn.Module):
         self.num_classes = consensus.mlp_head[4].out_features
 
     @classmethod
-    def from_config(cls, cfg) -> "XViT":
+    def from_config(cls, cfg, **frame_kwargs) -> "XViT":
+        """frame_kwargs: more arguments of the frame model (DVT's exits: patch_padding)."""
         v, x, h = cfg.VIT, cfg.XVIT, cfg.TEMPORAL_HEAD
         base = cls.frame_model(img_size=x.POS_EMBED_IMG_SIZE, patch_size=v.PATCH_SIZE, in_chans=v.IN_CHANS,
                         embed_dim=v.EMBED_DIM, depth=v.DEPTH, num_heads=v.NUM_HEADS, mlp_ratio=v.MLP_RATIO,
@@ -536,7 +574,7 @@ class XViT(nn.Module):
                         drop_path_rate=v.DROP_PATH_RATE, feature_drop_rate=x.DROPOUT_RATE,
                         token_execution=v.TOKEN_EXECUTION, num_frames=x.NUM_FRAMES_EMBED,
                         segments=x.NUM_SEGMENTS, shift_div=x.SHIFT_DIV,
-                        shift_blocks=x.LOCATIONS_LIST if x.USE_XVIT else (), **cls.frame_model_kwargs(cfg))
+                        shift_blocks=x.LOCATIONS_LIST if x.USE_XVIT else (), **cls.frame_model_kwargs(cfg), **frame_kwargs)
         head = TemporalHead(v.EMBED_DIM, h.NUM_ATTENTION_HEADS, h.NUM_HIDDEN_LAYERS, h.MLP_DIM, cfg.MODEL.NUM_CLASSES,
                             x.DROPOUT_RATE, h.HIDDEN_DROPOUT_PROB, h.ATTENTION_PROBS_DROPOUT_PROB)
         return cls(base, head)
@@ -547,6 +585,36 @@ class XViT(nn.Module):
         self.last_clip_shape = tuple(int(s) for s in video.shape)
         features = self.base_model(frames_of(video))  # [B * T, C], the frames' CLS features
         return self.consensus(features.reshape(b, t, -1))
+
+    # The backbone steps of VisionTransformer (embed, blocks, final_tokens, forward_head), so that a model built of
+    # backbones (DVT's cascade) runs XViT as it runs an image ViT: the frames through base_model, the head per clip.
+    def embed(self, video: Tensor) -> TokenBatch:
+        check_video(video, "XViT")
+        self.last_clip_shape = tuple(int(s) for s in video.shape)
+        return self.base_model.embed(frames_of(video))
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.base_model.blocks
+
+    @property
+    def patch_embed(self) -> nn.Module:
+        return self.base_model.patch_embed
+
+    @property
+    def embed_dim(self) -> int:
+        return self.base_model.embed_dim
+
+    def grid_for(self, size):
+        return self.base_model.grid_for(size)
+
+    def final_tokens(self, tokens: TokenBatch) -> TokenBatch:
+        return self.base_model.final_tokens(tokens)
+
+    def forward_head(self, tokens: TokenBatch) -> Tensor:
+        """[B, classes] from the final tokens of the B * T frames of the last `embed`."""
+        b, _, t = self.last_clip_shape[:3]
+        return self.consensus(self.base_model.forward_head(tokens).reshape(b, t, -1))
 
     @property
     def token_statistics(self) -> tuple:

@@ -203,11 +203,15 @@ class VisionTransformer(nn.Module):
     def patch_grid(self) -> Tuple[int, int]:
         return self.patch_embed.grid_size
 
+    def grid_for(self, size) -> Tuple[int, int]:
+        """The patch grid (rows, columns) of an input of spatial size (H, W), padding included."""
+        proj = self.patch_embed.proj
+        return tuple((int(s) + 2 * pad - kernel) // stride + 1 for s, kernel, stride, pad
+                     in zip(size, proj.kernel_size, proj.stride, proj.padding))
+
     def embed(self, images: Tensor) -> TokenBatch:
         x = self.patch_embed(images)
-        proj = self.patch_embed.proj
-        grid = tuple((size + 2 * pad - kernel) // stride + 1 for size, kernel, stride, pad
-                     in zip(images.shape[-2:], proj.kernel_size, proj.stride, proj.padding))
+        grid = self.grid_for(images.shape[-2:])
         pos = self.pos_embed
         if grid != tuple(self.patch_grid):
             pos = resample_abs_pos_embed(pos, list(grid), list(self.patch_grid), num_prefix_tokens=1)
@@ -215,7 +219,10 @@ class VisionTransformer(nn.Module):
         return TokenBatch.dense(self.pos_drop(x), self.token_execution)
 
     def forward_features(self, images: Tensor) -> TokenBatch:
-        tokens = self.run_blocks(self.embed(images))
+        return self.final_tokens(self.run_blocks(self.embed(images)))
+
+    def final_tokens(self, tokens: TokenBatch) -> TokenBatch:
+        """The last block's output as the head reads it (the final norm)."""
         return tokens.replace(x=self.norm(tokens.x))
 
     def run_blocks(self, tokens: TokenBatch) -> TokenBatch:
