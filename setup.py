@@ -18,6 +18,8 @@ setup(
         "simplejson",
         "av>=10.0",
         "tensorboard",
+        # figures: tools/plot.py, tools/benchmark.py --plot, the DVT curves of the test job
+        "matplotlib>=3.6",
         # only for the built-in `digits` demo data set (its bundled 8x8 handwritten digits)
         "scikit-learn",
     ],

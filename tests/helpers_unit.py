@@ -8,7 +8,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_FILES = sorted((REPO / "configs").rglob("*.yaml"))
+# Every run config (configs/model_zoo.yaml, the model zoo manifest, and configs/compare/, the plans of
+# tools/compare_methods.py, are lists of runs: tests/test_model_zoo.py, tests/test_compare_methods.py).
+RUN_CONFIG_FOLDERS = ("ImageNet", "Kinetics", "demo")
+CONFIG_FILES = sorted(p for folder in RUN_CONFIG_FOLDERS for p in (REPO / "configs" / folder).rglob("*.yaml"))
 
 # A ViT small enough that every unit test stays well under a second.
 TINY = dict(img_size=32, patch_size=8, in_chans=3, num_classes=10, embed_dim=48, depth=2, num_heads=3)

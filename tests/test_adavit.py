@@ -595,6 +595,41 @@ def test_deit_file_loads_for_fine_tuning_with_new_decision_heads(tmp_path, two_w
     assert all(torch.equal(state[k], init[k]) for k in decision)
 
 
+@pytest.mark.parametrize("keep", [0.0, 0.5, 0.95])
+def test_new_decision_heads_start_keeping_with_decision_init_keep(tmp_path, two_weights, keep):
+    """ADAVIT.DECISION_INIT_KEEP p: a new head, branch or token is kept with probability p in training at first (0:
+    the official zero biases, under which a token is kept with probability sigmoid(-tau * logit(0.6))); fine-tuning
+    a DeiT file starts from those decision heads."""
+    path, _ = _deit_file(tmp_path / "deit_tiny.pth", two_weights[0])
+    model = _fresh(TINY_CTOR, ["ADAVIT.DECISION_INIT_KEEP", keep])
+    init = {k: v.clone() for k, v in model.state_dict().items() if k in DECISION_KEYS_TINY}
+    load_weights(model, path, reset_head_on_mismatch=True)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in init.items())
+    assert keep > 0 or all(not state[k].any() for k in init if k.endswith(".bias"))
+    for name in init:  # decisions that depend on the bias alone, to measure their keep rate
+        if name.endswith(".weight"):
+            state[name].zero_()
+    model.load_state_dict(state)
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model(_images(64, 32, seed=3))
+    usage = model.usage_per_block()
+    official_token = torch.sigmoid(torch.tensor(-model.tau * math.log(0.6 / 0.4))).item()
+    expected = {"head_usage": keep or 0.5, "attn_usage": keep or 0.5, "mlp_usage": keep or 0.5,
+                "token_usage": keep or official_token}
+    for name, value in expected.items():
+        # Blocks 1, 2 decide heads and branches; tokens: block 0 (later blocks compound its decisions), CLS left out.
+        decided = usage[name][:, 1:] if name != "token_usage" else (usage[name][:, 0] * 17 - 1) / 16
+        assert abs(decided.mean().item() - value) < 0.08, (name, decided.mean().item(), value)
+
+
+def test_decision_init_keep_out_of_range_is_refused():
+    with pytest.raises(VitadaptError, match="ADAVIT.DECISION_INIT_KEEP"):
+        _fresh(TINY_CTOR, ["ADAVIT.DECISION_INIT_KEEP", 1.0])
+
+
 def test_deit_file_is_refused_for_evaluation(tmp_path, two_weights):
     path, _ = _deit_file(tmp_path / "deit_tiny.pth", two_weights[0])
     model = _fresh(TINY_CTOR)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Inference cost of one model, or of two side by side in the same run.
 
-    python tools/benchmark.py --cfg A.yaml [--compare B.yaml] [--data] [--out FILE.json] [KEY VALUE ...]
+    python tools/benchmark.py --cfg A.yaml [--compare B.yaml] [--data] [--out FILE.json] [--plot FILE.png]
+                              [KEY VALUE ...]
 
 For every batch size in BENCHMARK.BATCH_SIZES: images/s, or clips/s for a video model (median over
 BENCHMARK.NUM_REPEATS timed repeats of BENCHMARK.ITERS_PER_REPEAT forward passes, after BENCHMARK.WARMUP_ITERS
@@ -9,7 +10,7 @@ warm-up passes; the models are interleaved repeat by repeat so that both see the
 peak memory one forward pass adds. Per model: parameters, GMACs per image (per clip: one test view) counted
 analytically from the tokens each image kept (mean over the inputs) and by fvcore on the first image. KEY VALUE
 overrides apply to both configs. Weights come from TEST.CHECKPOINT_FILE_PATH when set; inputs are random unless
---data takes them from the config's TEST.SPLIT.
+--data takes them from the config's TEST.SPLIT. --plot draws throughput vs batch size, one line per config.
 """
 
 import argparse
@@ -41,6 +42,7 @@ from vitadapt.models import build_model, input_shape  # noqa: E402
 from vitadapt.models.flops import fvcore_macs  # noqa: E402
 from vitadapt.models.synthetic import add_halting_drift_, calibrate_decisions_, sharpen_  # noqa: E402
 from vitadapt.utils.checkpoint import load_weights  # noqa: E402
+from vitadapt.visualization.plots import plot_throughput  # noqa: E402
 
 
 def parse(argv=None):
@@ -49,6 +51,7 @@ def parse(argv=None):
     parser.add_argument("--compare", default="", help="a second config, measured side by side")
     parser.add_argument("--data", action="store_true", help="use images of the config's TEST.SPLIT, not noise")
     parser.add_argument("--out", default="", help="JSON output (default: OUTPUT_DIR of --cfg / benchmark.json)")
+    parser.add_argument("--plot", default="", help="PNG figure of throughput vs batch size, one line per config")
     parser.add_argument("--init", choices=("default", "sharpened", "halting"), default="default",
                         help="weights when no TEST.CHECKPOINT_FILE_PATH is set: the model's own init, or synthetic "
                              "weights (vitadapt.models.synthetic), the same for both configs: 'sharpened' has "
@@ -190,6 +193,8 @@ def run(argv=None) -> dict:
     ensure_writable_file(out, f"--out {out}" if args.out else f"OUTPUT_DIR's report file {out}")
     if os.path.exists(out) and not os.access(out, os.W_OK):
         raise ConfigError(f"cannot overwrite {out}: the file is read-only")
+    if args.plot:
+        ensure_writable_file(args.plot, f"--plot {args.plot}")
     subjects = [Subject(args.cfg, opts, args.data, args.init)]
     if args.compare:
         # Measured on the first config's BENCHMARK settings, so that both see the same work.
@@ -235,6 +240,9 @@ def run(argv=None) -> dict:
     except OSError as e:  # e.g. the disk filled up during the measurement
         raise ConfigError(f"cannot write {out}: {e.strerror or e}") from None
     print(f"written to {out}")
+    if args.plot:
+        plot_throughput(report, args.plot)
+        print(f"plot written to {args.plot}")
     return report
 
 

@@ -153,7 +153,8 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
     A data set with `video_index` (videos, each read as one or more views) is also evaluated per video: the
     views' logits, gathered from every rank by data set index, are ensembled (see `ensemble`) and the video_*
     statistics added (see `video_statistics`); the per-item ones stay per view.
-    keep_predictions adds "predictions" (per item) and, for videos, "video_predictions" to the result.
+    keep_predictions adds "predictions" (per item: index, logits, labels, and kept_tokens [n, depth] / token_depth
+    [n] for models that report them) and, for videos, "video_predictions" to the result.
     Logs progress every `log_period` batches (0: never). Fails if no image of the split could be decoded."""
     model.eval()
     videos, items = video_dataset(loader.dataset)
@@ -231,6 +232,11 @@ def evaluate(model, loader, device: torch.device, amp_dtype: Optional[torch.dtyp
         if keep_predictions:
             order = index.argsort()
             stats["predictions"] = {"index": index[order], "logits": logits[order], "labels": labels[order]}
+            # Per-image token statistics (same batch order as the logits), for histograms (tools/plot.py).
+            if counts:
+                stats["predictions"]["kept_tokens"] = torch.cat(counts)[order]
+            if depths:
+                stats["predictions"]["token_depth"] = torch.cat(depths)[order]
     return stats
 
 

@@ -448,16 +448,20 @@ def log_test_accuracy(cfg, stats: dict) -> None:
 
 def prediction_rows(predictions: dict, videos: Optional[dict]) -> List[dict]:
     """One row per video (ensembled scores) for a video data set, else one per image: its label, predicted class
-    and top-5 classes (fewer with fewer classes); video rows also carry their path and ensembled scores."""
+    and top-5 classes (fewer with fewer classes); video rows also carry their path and ensembled scores, image
+    rows the image's kept_tokens per block and token_depth where the model reports them (evaluate)."""
+    per_image = {}
     if videos is not None:
         keys, scores = {"video": videos["video"].tolist(), "path": videos["path"]}, videos["scores"]
         labels = videos["labels"]
     else:
         keys, scores, labels = {"index": predictions["index"].tolist()}, predictions["logits"], predictions["labels"]
+        per_image = {k: predictions[k].tolist() for k in ("kept_tokens", "token_depth") if k in predictions}
     top5 = scores.topk(min(5, scores.shape[1]), dim=1).indices.tolist()
     rows = [dict(zip(keys, values)) for values in zip(*keys.values())]
     for i, row in enumerate(rows):
         row.update(label=int(labels[i]), pred=top5[i][0], top5=top5[i])
+        row.update({k: values[i] for k, values in per_image.items()})
         if videos is not None:
             row["scores"] = scores[i].tolist()
     return rows
@@ -465,9 +469,9 @@ def prediction_rows(predictions: dict, videos: Optional[dict]) -> List[dict]:
 
 def save_results(out: str, predictions: dict, videos: Optional[dict]) -> None:
     """TEST.SAVE_RESULTS_PATH, written atomically. .json: {"rows": [...]} (see prediction_rows), with the ensemble
-    settings for videos. .csv: the same rows; top5 as space-separated classes, a video's scores as columns
-    score_0 ... score_{C-1}. Anything else: the torch file of per-item index/logits/labels (plus "videos": the
-    per-video ensemble, for a video data set)."""
+    settings for videos. .csv: the same rows; lists (top5, kept_tokens) space-separated, a video's scores as columns
+    score_0 ... score_{C-1}. Anything else: the torch file of per-item index/logits/labels (and kept_tokens /
+    token_depth where reported; plus "videos": the per-video ensemble, for a video data set)."""
     tmp = out + ".tmp"
     if out.endswith((".json", ".csv")):
         rows = prediction_rows(predictions, videos)
@@ -480,8 +484,8 @@ def save_results(out: str, predictions: dict, videos: Optional[dict]) -> None:
                 columns = [k for k in rows[0] if k != "scores"]
                 writer.writerow(columns + [f"score_{c}" for c in range(len(rows[0].get("scores", ())))])
                 for row in rows:
-                    writer.writerow([" ".join(map(str, row[k])) if k == "top5" else row[k] for k in columns]
-                                    + row.get("scores", []))
+                    writer.writerow([" ".join(map(str, row[k])) if isinstance(row[k], list) else row[k]
+                                     for k in columns] + row.get("scores", []))
     else:
         with g_pathmgr.open(tmp, "wb") as f:
             torch.save({**predictions, "videos": videos} if videos is not None else predictions, f)

@@ -33,6 +33,7 @@ LayerNorm eps 1e-5, no qkv bias, optional qk_scale), the same decisions and bloc
 """
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -107,7 +108,7 @@ class AdaViTVisionTransformer(VisionTransformer):
                  token_detach_attn_at_mlp: bool = False, head_v2: bool = False, head_attn: bool = False,
                  norm_policy: bool = False, train_pos_embed: bool = False,
                  usage_weights: UsageLossWeights = UsageLossWeights(), official_base_gflops: float = 0.06,
-                 **vit_args):
+                 decision_init_keep: float = 0.0, **vit_args):
         super().__init__(**vit_args)
         self.keep_layers, self.token_start_layer = keep_layers, token_start_layer
         self.thresholds = {"heads": head_threshold, "layer": layer_threshold, "tokens": token_threshold}
@@ -127,6 +128,8 @@ class AdaViTVisionTransformer(VisionTransformer):
         for module in self.modules():  # trunc_normal(0.02) weights and zero biases, as every official Linear
             if isinstance(module, DecisionHead):
                 module.apply(_init_linear_and_norm)
+        if decision_init_keep:
+            self._bias_decisions_to_keep(decision_init_keep)
         # The official model's pos_embed is a fixed sinusoid table, frozen (DeiT's learned one is loaded into it).
         with torch.no_grad():
             self.pos_embed.copy_(sinusoid_table(self.pos_embed.shape[1], self.embed_dim))
@@ -135,6 +138,18 @@ class AdaViTVisionTransformer(VisionTransformer):
         self.noise_source: Optional[Callable[[str, Tensor], Tuple[Tensor, Tensor]]] = None
         self.usage_weights, self.official_base_gflops = usage_weights, official_base_gflops
         self._table: Optional[Tensor] = None
+
+    def _bias_decisions_to_keep(self, p: float) -> None:
+        """Biases under which every new decision keeps its head, branch or token with probability p in training
+        (logit + Gumbel noise > tau * logit(threshold)), instead of the official zero biases' sigmoid(-tau *
+        logit(threshold)), about 0.12 for tokens: fine-tuning a trained backbone then starts from (nearly) all of
+        them, and the usage losses take them away gradually."""
+        logit = lambda q: math.log(q / (1 - q))  # noqa: E731
+        for block in self.blocks:
+            for head, kind in ((block.head_select, "heads"), (block.layer_select, "layer"),
+                               (block.attn.token_select, "tokens")):
+                if head is not None:
+                    nn.init.constant_(head.mlp_head.bias, logit(p) + self.tau * logit(self.thresholds[kind]))
 
     @classmethod
     def from_config(cls, cfg) -> "AdaViTVisionTransformer":
@@ -588,7 +603,7 @@ def adavit_kwargs(cfg) -> dict:
                 token_detach_attn=a.TOKEN_DETACH_ATTN, token_detach_attn_at_mlp=a.TOKEN_DETACH_ATTN_AT_MLP,
                 head_v2=a.HEAD_V2, head_attn=a.HEAD_ATTN, norm_policy=a.NORM_POLICY,
                 train_pos_embed=a.TRAIN_POS_EMBED, usage_weights=usage_weights_from_config(a),
-                official_base_gflops=a.OFFICIAL_BASE_GFLOPS)
+                official_base_gflops=a.OFFICIAL_BASE_GFLOPS, decision_init_keep=a.DECISION_INIT_KEEP)
 
 
 def usage_weights_from_config(a) -> UsageLossWeights:
@@ -685,6 +700,9 @@ def add_adavit_config(cfg) -> None:
     # it): 0.06 for every DeiT (DeiT-S's patch embedding), 0.33 for T2T-ViT (its Tokens-to-Token tokenizer;
     # vitadapt.models.adavit_costs.exact_t2t_base_gflops counts 0.313 for T2T-ViT-19).
     cfg.ADAVIT.OFFICIAL_BASE_GFLOPS = 0.06
+    # New decision heads (training from scratch, or fine-tuning a backbone file): 0.0 = the official zero biases;
+    # p in (0, 1): biases under which each keeps its head, branch or token with probability p in training at first.
+    cfg.ADAVIT.DECISION_INIT_KEEP = 0.0
 
 
 ADAVIT_MODELS = ("AdaViTVisionTransformer", "AdaViTT2TViT", "AdaViTTimeSformer", "AdaViTXViT")
@@ -714,6 +732,9 @@ def validate_adavit_config(cfg) -> None:
         raise ConfigError(f"ADAVIT.KEEP_LAYERS must be in [1, VIT.DEPTH={depth}], got {a.KEEP_LAYERS}")
     if not 0 <= a.TOKEN_START_LAYER <= depth:
         raise ConfigError(f"ADAVIT.TOKEN_START_LAYER must be in [0, VIT.DEPTH={depth}], got {a.TOKEN_START_LAYER}")
+    if a.DECISION_INIT_KEEP and not 0 < a.DECISION_INIT_KEEP < 1:
+        raise ConfigError(f"ADAVIT.DECISION_INIT_KEEP must be 0 (official initialisation) or in (0, 1), got "
+                          f"{a.DECISION_INIT_KEEP}")
     for key in ("HEAD_THRESHOLD", "LAYER_THRESHOLD", "TOKEN_THRESHOLD"):
         if not 0 < a[key] < 1:
             raise ConfigError(f"ADAVIT.{key} must be in (0, 1), got {a[key]}")

@@ -1,1 +1,1 @@
-"""Figures of evaluation results, drawn with Pillow only (no plotting library is a dependency)."""
+"""Figures of evaluation results, drawn with matplotlib: run trade-offs and histograms (plots), DVT curves (curves)."""
