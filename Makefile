@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo video-demo test clean
+.PHONY: venv demo video-demo compare test clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: venv
 video-demo: venv
 	$(PY) tools/make_video_demo_data.py --out demo_videos --overwrite
 	$(PY) tools/run_net.py --cfg configs/demo/XViT_motion.yaml
+
+# Every method against the dense digits demo under one protocol: one table and the frontier plots (about 15 min).
+compare: venv
+	$(PY) tools/compare_methods.py
 
 test: venv
 	$(PY) -m pytest -q tests

@@ -169,6 +169,20 @@ def test_xvit_keeping_everything_is_the_official_xvit_golden(execution):
     torch.testing.assert_close(model(golden["input"]), golden["logits"], atol=ATOL, rtol=ATOL)
 
 
+@torch.no_grad()
+def test_xvit_decisions_calibrate_through_the_video_model():
+    """calibrate_decisions_ on the video model (as tools/benchmark.py --init sharpened calls it) reaches the decision
+    heads of its per-frame backbone: about the asked share of heads, branches and tokens is kept."""
+    model = build_xvit(calibrate=False)
+    inputs = clips(batch=6, seed=3)
+    calibrate_decisions_(model, inputs, usage=0.75)
+    model(inputs)
+    usage = model.image_statistics()
+    for name in ("head_usage", "attn_usage", "mlp_usage"):  # block 0 keeps everything (ADAVIT.KEEP_LAYERS 1)
+        assert abs(usage[name][:, 1:].mean().item() - 0.75) < 0.1, (name, usage[name].mean(0))
+    assert 0.3 < usage["token_usage"].mean().item() < 0.9  # tokens compound over the blocks
+
+
 def test_xvit_usage_losses_train_the_decision_heads():
     model = build_xvit().train()
     video = clips(batch=2)

@@ -14,7 +14,7 @@ import torch
 
 from vitadapt.config import ConfigError, load_config
 from vitadapt.models import build_model
-from vitadapt.models.dvt import resample_matrix
+from vitadapt.models.dvt import _pointwise, resample_frames, resample_matrix
 from vitadapt.models.video import frames_of, from_frames, to_frames
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +77,26 @@ def test_frame_by_frame_resampling_of_a_space_time_sequence():
     assert torch.allclose(out[:, 1:], from_frames(per_frame, T))
     assert torch.equal(out[:, 0], x[:, 0])
     assert out.shape == (2, 1 + 16 * T, 6)
+    # What the model runs: the image matrix frame by frame, along any dimension.
+    fast = resample_frames(x[:, 1:].transpose(1, 2), image[1:, 1:], T).transpose(1, 2)
+    assert torch.allclose(fast, out[:, 1:])
+
+
+@torch.no_grad()
+def test_joint_reuse_resamples_relations_and_features_as_the_space_time_matrix():
+    """A joint clip's relation bias and reused features (computed frame by frame) equal the space-time resampling
+    matrix of the definition applied to the whole sequence."""
+    model = build("joint")
+    upstream = model.run_stage(0, clips(), None)  # 2x2 tokens a frame
+    stage, side = model.stages[1], 3
+    mixed = _pointwise(stage.relation_reuse_conv, torch.cat(upstream.relations, dim=1))
+    matrix = resample_matrix(2, side, T).to(mixed)
+    expected = (matrix @ mixed @ matrix.t()).chunk(DEPTH, dim=1)
+    for mine, ref in zip(model._relation_bias(stage, upstream, side), expected):
+        assert mine.shape == ref.shape == (3, HEADS, 1 + 9 * T, 1 + 9 * T)
+        assert torch.allclose(mine, ref, atol=1e-6)
+    features = model._reused_features(stage, upstream, side)
+    assert features[0].shape == (3, 1 + 9 * T, 48) and not features[0][:, 0].any()
 
 
 @torch.no_grad()
