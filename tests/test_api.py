@@ -14,6 +14,7 @@ import helpers_e2e as h
 import vitadapt
 from vitadapt.api import UnsupportedModelError, config_file, model_name
 from vitadapt.config import ConfigError, load_config
+from vitadapt.engine.evaluate import reports
 from vitadapt.errors import VitadaptError
 from vitadapt.models import build_model, input_shape
 from vitadapt.utils import checkpoint as cu
@@ -86,7 +87,10 @@ def test_every_listed_model_builds_and_reports_its_cost(name):
     assert logits.shape == (2, 5) and bool(torch.isfinite(logits).all())
     cost = vitadapt.cost(model)
     assert cost["gmacs"].shape == (2,) and bool((cost["gmacs"] > 0).all())
-    if "kept_tokens" in cost:
+    # Every statistic the model reports (as the test job logs it) is in its cost.
+    assert ("kept_tokens" in cost) == reports(model, "kept_tokens")
+    assert ("token_depth" in cost) == reports(model, "token_depth")
+    if reports(model, "kept_tokens"):
         assert cost["kept_tokens"].shape == (2, 2)
 
 
@@ -130,9 +134,24 @@ def test_create_model_is_seeded_like_run_net_and_leaves_the_callers_rng_alone():
         assert torch.equal(first.state_dict()[key], value) and torch.equal(second.state_dict()[key], value), key
 
 
-def test_cost_needs_a_forward_first():
+@pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "timesformer_divst_8x32_224", "xvit_b16_16x16_224",
+                                  "dvt_deit_small_patch16_224"])
+def test_cost_needs_a_forward_first(name):
     with pytest.raises(RuntimeError, match="run one first"):
-        vitadapt.cost(vitadapt.create_model("deit_tiny_patch16_224", **TIMM_TINY))
+        vitadapt.cost(vitadapt.create_model(name, **tiny(name)))
+
+
+def test_cost_lets_errors_other_than_a_missing_forward_through(monkeypatch):
+    model = vitadapt.create_model("deit_tiny_patch16_224", **TIMM_TINY)
+    with torch.no_grad():
+        model(images())
+
+    def broken():
+        raise AttributeError("a bug in macs_per_image")
+
+    monkeypatch.setattr(model, "macs_per_image", broken)
+    with pytest.raises(AttributeError, match="a bug in macs_per_image"):
+        vitadapt.cost(model)
 
 
 def test_import_vitadapt_stays_light():
@@ -210,6 +229,25 @@ def test_dvt_exits_at_the_thresholds_an_official_checkpoint_stores(tmp_path):
     assert torch.equal(model.thresholds, stored[6, :2])
 
 
+def test_dvt_thresholds_from_a_checkpoint_need_one():
+    with pytest.raises(ConfigError, match=r"DVT.THRESHOLD_SOURCE checkpoint.*create_model\(\.\.\., checkpoint=PATH\)"):
+        vitadapt.create_model("dvt_deit_small_patch16_224", **TINY, **{"DVT.BUDGET_POINT": 7,
+                                                                       "DVT.THRESHOLD_SOURCE": "checkpoint"})
+
+
+@pytest.mark.parametrize("dvt, searches", [
+    ({}, False), ({"DVT.BUDGET_POINT": 7}, True), ({"DVT.BUDGET_GMACS": 1.0}, True),
+    ({"DVT.THRESHOLDS": [0.5, 0.6]}, False)], ids=["none", "budget-point", "budget-gmacs", "thresholds"])
+def test_create_model_and_the_test_job_agree_on_which_thresholds_need_a_search(caplog, dvt, searches):
+    from vitadapt.engine.exits import needs_threshold_search
+
+    with caplog.at_level(logging.WARNING):
+        model = vitadapt.create_model("dvt_deit_small_patch16_224", **TINY, **dvt)
+    assert needs_threshold_search(model.cfg) == searches  # the rule the test job's prepare_exits follows
+    assert any("search on training images" in r.getMessage() for r in caplog.records) == searches
+    assert (model.thresholds is not None) == ("DVT.THRESHOLDS" in dvt)
+
+
 def test_dvt_whose_config_searches_thresholds_runs_every_exit_and_says_so(caplog):
     with caplog.at_level(logging.WARNING):
         model = vitadapt.create_model("dvt_xvit_b16_16x16_224", **TINY)
@@ -231,10 +269,12 @@ def test_dvt_whose_config_searches_thresholds_runs_every_exit_and_says_so(caplog
 ], ids=["deit", "none", "evit", "ats", "avit", "adavit-keep-all", "adavit-off"])
 def test_adapt_without_reduction_gives_timm_logits(method, options):
     timm_model = wide_timm_deit()
-    before = state_of(timm_model)
     x = images()
     with torch.no_grad():
         expected = timm_model(x)
+    timm_model.train()  # the user's model, in training: adapt() must leave its mode (and weights) alone
+    before = state_of(timm_model)
+    with torch.no_grad():
         model = vitadapt.adapt(timm_model, method, **options)
         logits = model(x)
     assert not model.training and type(model).__name__ == model.cfg.MODEL.NAME
@@ -249,7 +289,8 @@ def test_adapt_without_reduction_gives_timm_logits(method, options):
     dense(x)
     assert torch.allclose(cost["gmacs"], vitadapt.cost(dense)["gmacs"], rtol=0.01)  # AdaViT adds its decision heads
     after = state_of(timm_model)
-    assert all(torch.equal(before[k], after[k]) for k in before) and timm_model.training is False
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.training for m in timm_model.modules())
 
 
 def test_adapt_starts_new_parameters_as_fine_tuning_from_a_deit_file_does(tmp_path):
@@ -268,6 +309,46 @@ def test_adapt_starts_new_parameters_as_fine_tuning_from_a_deit_file_does(tmp_pa
     for key, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     assert vitadapt.adapt(timm_model, "evit", locations=[1]).new_parameters == []
+
+
+def timm_created_vit(**overlay):
+    """A tiny ViT built by timm.create_model, so that it has a pretrained_cfg: vit_tiny_patch16_224's default tag
+    (augreg, mean / std 0.5), with `overlay` over it."""
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48, depth=2,
+                             num_heads=3, num_classes=3, pretrained_cfg_overlay=overlay).eval()
+
+
+def test_adapt_takes_the_timm_models_preprocessing():
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform, resolve_model_data_config
+
+    from vitadapt.datasets.transforms import build_transform
+
+    timm_model = timm_created_vit(interpolation="bilinear", crop_pct=0.95)
+    model = vitadapt.adapt(timm_model, "evit", locations=[1])
+    d = model.cfg.DATA
+    assert (d.MEAN, d.STD, d.IN_VAL_CROP_RATIO, d.INTERPOLATION) == ([0.5] * 3, [0.5] * 3, 0.95, "bilinear")
+    # vitadapt's eval transform of model.cfg is timm's for this model (at the model's input size).
+    timm_transform = create_transform(**{**resolve_model_data_config(timm_model), "input_size": (3, 32, 32)})
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 60, 3), dtype=np.uint8))
+    assert torch.equal(build_transform(model.cfg, is_train=False)(image), timm_transform(image))
+
+
+def test_adapt_without_pretrained_cfg_keeps_the_default_preprocessing_and_says_so(caplog):
+    with caplog.at_level(logging.WARNING):
+        model = vitadapt.adapt(h.timm_vit(), "deit")
+    defaults = load_config("").DATA
+    assert (model.cfg.DATA.MEAN, model.cfg.DATA.STD) == (defaults.MEAN, defaults.STD)
+    assert any("no pretrained_cfg" in r.getMessage() and "DATA.MEAN" in r.getMessage() for r in caplog.records)
+
+
+def test_adapt_names_the_pretrained_cfg_entry_the_config_refuses():
+    with pytest.raises(ConfigError) as info:
+        vitadapt.adapt(timm_created_vit(interpolation="lanczos"), "deit")
+    assert "DATA.INTERPOLATION" in str(info.value) and "timm_model.pretrained_cfg['interpolation']" in str(info.value)
 
 
 # ------------------------------------------------------------------ adapt(): with reduction, = the config's model

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,11 @@ def test_every_run_of_the_shipped_plan_is_a_valid_and_distinct_config(compare):
     # Every method is there at two or three budgets, and no two runs are the same model.
     methods = [run.method for run in plan.runs if run.name != plan.reference]
     assert {m: methods.count(m) for m in methods} == {"ATS": 2, "EViT": 2, "A-ViT": 2, "AdaViT": 2, "DVT": 3}
+    # DVT's budgeted / anytime curves are computed once per trained checkpoint: the runs that evaluate it at other
+    # budget points turn them off (tools/plot.py then draws them once).
+    curves = [run.test_of or run.name for run in plan.runs
+              if configs[run.name].MODEL.NAME == "DVT" and configs[run.name].DVT.CURVES]
+    assert curves == ["dvt_point10"]
     names = list(configs)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -66,6 +72,95 @@ def test_plan_mistakes_are_named(compare, tmp_path, edit, message):
     path.write_text(yaml.safe_dump(plan))
     with pytest.raises(compare.PlanError, match=re.escape(message)):
         compare.load_plan(str(path))
+
+
+def finished_run(comparison, run, top1: float, parent_checkpoint: str = "", extra_line: str = "") -> Path:
+    """The folder of `run` as tools/run_net.py leaves it when finished: config.yaml (the config the comparison would
+    run), json_stats.log ending with a test_final record (then `extra_line`), a checkpoint."""
+    folder = Path(comparison.run_dir(run.name))
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "checkpoint_epoch_00001.pyth").write_bytes(b"weights")
+    (folder / "config.yaml").write_text(compare_tool().load_config(run.config, comparison.opts(run, parent_checkpoint))
+                                        .dump())
+    record = {"_type": "test_final", "top1_acc": top1, "gmacs_mean": 1.0, "checkpoint": str(folder / "checkpoints")}
+    (folder / "json_stats.log").write_text(json.dumps(record) + "\n" + extra_line)
+    return folder
+
+
+def compare_tool():
+    return load_tool("compare_methods")
+
+
+def shipped_plan_comparison(compare, out):
+    plan = compare.load_plan(str(PLAN))
+    return plan, compare.Comparison(plan, str(out), 1, 1, quick=True)
+
+
+def test_a_run_with_a_corrupt_log_fails_alone(compare, tmp_path, monkeypatch, capsys):
+    """A finished run whose json_stats.log ends with a line cut short fails, named; the run that starts from it is
+    skipped; another finished run is reused; nothing trains."""
+    plan, comparison = shipped_plan_comparison(compare, tmp_path / "out")
+    runs = compare.select(plan, "evit_keep0.7,avit_ponder5e-3")
+    assert [r.name for r in runs] == ["dense", "evit_keep0.7", "avit_ponder5e-3"]
+    dense = finished_run(comparison, runs[0], 80.0, extra_line='{"_type": "test_final", "top1_acc": 8')
+    finished_run(comparison, runs[2], 70.0)
+    monkeypatch.setattr(compare, "call", lambda *args: pytest.fail(f"nothing should run: {args}"))
+    comparison.train_and_test(runs)
+    results = comparison.results
+    assert [results[r.name].status for r in runs] == ["failed", "skipped", "ok"]
+    assert results["dense"].error.startswith(f"{dense / 'json_stats.log'}, line 2: not a JSON record (")
+    assert results["avit_ponder5e-3"].record["top1_acc"] == 70.0
+    assert f"FAILED: {dense / 'json_stats.log'}, line 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("child", ["evit_keep0.7", "dvt_point5"])  # fine-tunes / evaluates its parent's checkpoint
+def test_a_run_started_before_its_parent_was_trained_again_runs_again(compare, tmp_path, monkeypatch, capsys, child):
+    plan, comparison = shipped_plan_comparison(compare, tmp_path / "out")
+    run = next(r for r in plan.runs if r.name == child)
+    parent = tmp_path / "out" / run.parent / "checkpoints" / "checkpoint_epoch_00001.pyth"
+    parent.parent.mkdir(parents=True)
+    parent.write_bytes(b"parent weights")
+    comparison.results[run.parent] = compare.Result(run, record={"checkpoint": str(parent)})
+    folder = finished_run(comparison, run, 50.0, str(parent))
+    started = time.time() - 100
+    os.utime(folder / "config.yaml", (started, started))
+    calls = []
+
+    def run_net(log, args, what):  # a fresh run: the old one's checkpoints are gone
+        calls.append(args)
+        assert not folder.exists() and str(parent) in args
+        finished_run(comparison, run, 60.0, str(parent))
+
+    monkeypatch.setattr(compare, "call", run_net)
+    os.utime(parent, (started - 50, started - 50))  # written before the run started: reused
+    assert comparison.execute(run).record["top1_acc"] == 50.0 and calls == []
+    os.utime(parent, (started + 50, started + 50))  # the parent trained again, at the same path
+    assert comparison.execute(run).record["top1_acc"] == 60.0 and len(calls) == 1
+    assert (f"{run.parent} was trained again after this run started ({parent} is newer than {folder}/config.yaml): "
+            "deleting the run and running it again") in capsys.readouterr().out
+    assert comparison.execute(run).record["top1_acc"] == 60.0 and len(calls) == 1  # the new run is reused
+
+
+def test_a_failure_reports_what_this_attempt_wrote(compare, tmp_path):
+    log = tmp_path / "logs" / "run.log"
+    log.parent.mkdir()
+    log.write_text("$ python tools/run_net.py\nerror: a stale error of an earlier attempt\n")
+
+    def failure(code: str) -> str:
+        with pytest.raises(compare.RunFailed) as raised:
+            compare.call(str(log), ["-c", code], "the tool")
+        return str(raised.value)
+
+    # A crash: the last lines of its traceback, not the earlier attempt's error line.
+    said = failure("def f():\n    raise ValueError('boom')\nprint('epoch 1')\nf()")
+    assert said.startswith("the tool exited with status 1: ") and said.endswith(f"ValueError: boom (log: {log})")
+    assert "line 2, in f" in said and "stale" not in said and "epoch 1" not in said
+    # A tool's own error line, among its other output.
+    said = failure("import sys\nprint('error: MODEL.NAME is wrong')\nprint('bye')\nsys.exit(2)")
+    assert said == f"the tool exited with status 2: error: MODEL.NAME is wrong (log: {log})"
+    assert failure("raise SystemExit(3)") == f"the tool exited with status 3: (no output) (log: {log})"
+    assert log.read_text().count("error: a stale error") == 1  # the log keeps every attempt
+    assert log.read_text().count("$ ") == 4
 
 
 def run_tool(*args) -> subprocess.CompletedProcess:

@@ -8,7 +8,9 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ import yaml
 
 import helpers_e2e as h
 from vitadapt import zoo
+from vitadapt.api import model_name
 
 MANIFEST = h.REPO / "configs" / "model_zoo.yaml"
 DEIT_S = str(h.REPO / "configs" / "ImageNet" / "DeiT_S.yaml")
@@ -38,9 +41,10 @@ def as_opts(overrides: dict) -> list:
 
 def row(name: str, file: str, config: str, overrides: dict, dataset: str = "imagenet", hash=None, published=None,
         **extra) -> dict:
-    """A manifest row (as YAML would give it) with every required field."""
+    """A manifest row (as YAML would give it) with every required field; its model is its config's name."""
     entry = {"name": name, "file": file, "file_from_release": True, "url": "https://example.org/" + file,
-             "hash": hash, "config": config, "overrides": overrides, "dataset": dataset,
+             "hash": hash, "config": config, "model": model_name(Path(config).stem), "overrides": overrides,
+             "dataset": dataset,
              "published": published or {"top1": None, "top5": None, "gmacs": None}, "source": "a test"}
     if dataset == "kinetics":
         entry["views"] = "1x3"
@@ -111,6 +115,21 @@ def test_manifest_hashes_follow_the_file_names_and_shared_files_agree():
     assert all(len(v) == 1 for v in by_file.values()), {f: v for f, v in by_file.items() if len(v) > 1}
 
 
+def test_deit_rows_publish_gmacs_of_one_source_that_vitadapts_count_rounds_to():
+    from vitadapt.models import build_model, input_shape
+
+    rows = [r for r in zoo.load_manifest(str(MANIFEST)) if r.name.startswith("deit_")]
+    assert [r.name for r in rows] == ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
+    for r in rows:
+        assert f"timm's model card timm/{r.name}.fb_in1k" in r.source, r.name
+        cfg = zoo.load_row_config(r)
+        model = build_model(cfg).eval()
+        with torch.no_grad():
+            model(torch.zeros(input_shape(cfg)))
+        # The cards give one decimal: vitadapt's count of the same architecture rounds to it.
+        assert r.published["gmacs"] == pytest.approx(model.macs_per_image().item() / 1e9, abs=0.05), r.name
+
+
 def test_model_zoo_md_section_is_what_the_manifest_generates(tmp_path):
     text = (h.REPO / "MODEL_ZOO.md").read_text()
     rows = zoo.load_manifest(str(MANIFEST))
@@ -118,7 +137,8 @@ def test_model_zoo_md_section_is_what_the_manifest_generates(tmp_path):
     assert zoo.replace_doc_section(text, section, "MODEL_ZOO.md") == text, \
         "MODEL_ZOO.md's 'Official checkpoints' section is stale: run python tools/model_zoo.py --write-doc"
     for r in rows:
-        assert f"| {r.name} | [`{r.file}`]({r.url})" in section
+        line = next(line for line in section.splitlines() if line.startswith(f"| {r.name} | [`{r.file}`]({r.url})"))
+        assert f" | `{r.model}` | `{os.path.relpath(r.config, h.REPO)}`" in line  # create_model's name, by its config
     # --write-doc puts a stale section back in order, and touches nothing outside it.
     stale = tmp_path / "MODEL_ZOO.md"
     stale.write_text(text.replace(f"| {rows[0].name} |", "| renamed_by_hand |"))
@@ -132,11 +152,13 @@ def test_model_zoo_md_section_is_what_the_manifest_generates(tmp_path):
 # ============================================================================ validation of a manifest
 @pytest.mark.parametrize("change, needles", [
     (lambda r: r.pop("source"), ["row 1 (tiny)", "'source' is missing"]),
+    (lambda r: r.pop("model"), ["row 1 (tiny)", "'model' is missing"]),
     (lambda r: r.update(sha="x"), ["unknown field", "sha"]),
     (lambda r: r.update(hash="sha256:CD65A155"), ["'hash'", "CD65A155"]),
     (lambda r: r.update(hash="md5:0123abcd"), ["'hash'", "md5:0123abcd"]),
     (lambda r: r.update(dataset="imagenet21k"), ["'dataset'", "imagenet21k"]),
     (lambda r: r.update(views="1x3"), ["'views'", "image row"]),
+    (lambda r: r.update(dataset="kinetics"), ["'views'", "video row", "got None"]),
     (lambda r: r["published"].update(top1=150.0), ["'published'", "150.0"]),
     (lambda r: r["published"].pop("gmacs"), ["'published'", "gmacs"]),
     (lambda r: r.update(file="sub/x.pth"), ["'file'", "sub/x.pth"]),
@@ -161,6 +183,10 @@ def test_duplicate_names_and_configs_that_do_not_fit_are_refused(tmp_path):
         (row("typo", "a.pth", DEIT_S, {"VIT.NOPE": 1}), ["row typo", "VIT.NOPE"]),
         (row("video", "a.pth", DEIT_S, {}, dataset="kinetics"), ["row video", "TEST.DATASET imagenet"]),
         (row("views", "a.pyth", TIMESFORMER, {}, dataset="kinetics", views="1x5"), ["row views", "tests 1x3"]),
+        (row("typo_model", "a.pth", DEIT_S, {}, model="deit_smal_patch16_224"),
+         ["row typo_model", "unknown model name 'deit_smal_patch16_224'", "deit_small_patch16_224"]),
+        (row("other_model", "a.pth", DEIT_S, {}, model="deit_tiny_patch16_224"),
+         ["row other_model", "'deit_tiny_patch16_224' is built from", "DeiT_Ti.yaml", "DeiT_S.yaml"]),
     ]:
         rows = zoo.load_manifest(write_manifest(tmp_path / "b.yaml", [entry]))
         with pytest.raises(zoo.ManifestError) as info:
@@ -288,9 +314,11 @@ def test_missing_files_and_rows_without_data_are_listed(image_zoo):
 def test_rows_pattern_and_bad_overrides(image_zoo, tmp_path):
     z = image_zoo
     common = ["--manifest", z["root"] / "zoo.yaml", "--weights", z["good"].parent, "--imagenet", z["data"]]
-    code, stdout, _ = run_tool(*common, "--out", tmp_path / "a", "--rows", "tiny_deit_m*", *CPU_RUN)
-    assert code == 0 and [r["name"] for r in json.loads((tmp_path / "a" / "model_zoo.json").read_text())["rows"]] \
+    code, stdout, err = run_tool(*common, "--out", tmp_path / "a", "--rows", "tiny_deit_m*", *CPU_RUN)
+    assert [r["name"] for r in json.loads((tmp_path / "a" / "model_zoo.json").read_text())["rows"]] \
         == ["tiny_deit_missing"]
+    # Nothing was evaluated: not a success (exit status 3), and said.
+    assert code == 3 and "no row was evaluated (1 not found)" in err
     code, _, err = run_tool(*common, "--out", tmp_path / "b", "--rows", "nothing*")
     assert code == 2 and "'nothing*' matches no row" in err
     # A KEY VALUE no config accepts is refused before any row is evaluated.
@@ -298,6 +326,29 @@ def test_rows_pattern_and_bad_overrides(image_zoo, tmp_path):
     assert code == 2 and "VIT.NOPE" in err and not (tmp_path / "c").exists()
     with pytest.raises(SystemExit):  # the tool sets OUTPUT_DIR itself
         run_tool(*common, "OUTPUT_DIR", tmp_path / "d")
+
+
+def test_a_run_that_evaluates_no_row_is_not_a_success(image_zoo, tmp_path):
+    z = image_zoo
+    code, _, err = run_tool("--manifest", z["root"] / "zoo.yaml", "--weights", tmp_path, "--kinetics", tmp_path,
+                            "--out", tmp_path / "out", "--rows", "tiny_deit,tiny_deit_missing,tiny_timesformer")
+    assert code == 3 and "no row was evaluated (2 skipped, 1 not found)" in err and str(tmp_path) in err
+    rows = json.loads((tmp_path / "out" / "model_zoo.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["skipped", "skipped", "not found"]
+
+
+@pytest.mark.parametrize("option", ["--imagenet", "--kinetics", "--weights"])
+def test_data_and_weights_folders_must_exist_before_anything_runs(image_zoo, tmp_path, capsys, option):
+    z = image_zoo
+    paths = {"--weights": z["good"].parent, "--imagenet": z["data"], "--kinetics": z["data"]}
+    paths[option] = tmp_path / "nowhere"
+    argv = ["--manifest", str(z["root"] / "zoo.yaml"), "--out", str(tmp_path / "out")]
+    argv += [str(a) for item in paths.items() for a in item]
+    with pytest.raises(SystemExit) as info:
+        h.load_tool("model_zoo").main(argv)
+    assert info.value.code == 2
+    assert f"{option} is not a folder: {tmp_path / 'nowhere'}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before any file was hashed or row evaluated
 
 
 def test_video_row_is_evaluated_multi_view_like_run_net(tmp_path):

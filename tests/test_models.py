@@ -598,3 +598,26 @@ def test_attention_heads_hook_sees_and_changes_per_head_outputs():
     out, _, _ = block.attn(block.norm1(x), TokenBatch.dense(x), False, block.adapter)
     assert block.adapter.shape == (2, 3, 5, 16)
     assert torch.allclose(out, block.attn.proj.bias.expand(2, 5, 48))
+
+
+def test_packed_tokens_of_equal_lengths_are_their_own_padded_layout():
+    """Packed images that all keep the same number of tokens (always at batch 1) pad and unpad without a copy and
+    need no key mask; unequal ones get zero padding and a mask. Both round-trip exactly."""
+    from vitadapt.models import TokenBatch
+
+    x = torch.randn(3, 6, 4)
+    index = torch.tensor([[0, 2, 3, 5], [0, 1, 4, 5], [0, 3, 4, 2]])
+    for valid, uniform in ((torch.ones(3, 4, dtype=torch.bool), True),
+                           (torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 1, 1]], dtype=torch.bool), False)):
+        tokens = TokenBatch.dense(x).select(index, valid)
+        assert tokens.is_packed and tokens.uniform == uniform
+        padded = tokens.padded(tokens.x)
+        assert padded.shape == (3, 4, 4)
+        live = tokens.live_mask()  # the kept tokens of each image, moved to its front
+        assert torch.equal(live.sum(1), valid.sum(1))
+        assert torch.equal(padded[live], x.gather(1, index[..., None].expand(-1, -1, 4))[valid])
+        assert torch.equal(tokens.unpadded(padded), tokens.x)
+        if uniform:
+            assert padded.data_ptr() == tokens.x.data_ptr() and tokens.key_mask() is None
+        else:
+            assert not padded[~live].any() and torch.equal(tokens.key_mask()[:, 0, 0], live)

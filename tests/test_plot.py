@@ -16,7 +16,8 @@ import helpers_e2e as h
 from vitadapt.config import ConfigError, load_config
 from vitadapt.engine.budgeted import budget_curve
 from vitadapt.engine.evaluate import token_depth
-from vitadapt.models import build_model
+from vitadapt.models import VisionTransformer, build_model
+from vitadapt.models.build import MODEL_REGISTRY
 from vitadapt.models.synthetic import add_halting_drift_, sharpen_
 from vitadapt.visualization.curves import curve_points
 from vitadapt.visualization.plots import REFERENCE, SIZE, Point, plot_throughput, plot_tradeoff
@@ -44,6 +45,15 @@ def draw(*argv):
     return plot_tool.draw(plot_tool.parse([str(a) for a in argv]))
 
 
+NO_RESULTS = ("no per-image kept_tokens: its test job saved no results (run it with TEST.SAVE_RESULTS_PATH "
+              "results.json, or results.pth for a video data set)")
+
+
+def unsaved_histograms(*runs):
+    """The missing lines of kept-token histograms of `runs` (paths) whose test job saved no per-image results."""
+    return [f"kept-token histogram: run '{run.name}' ({run}): {NO_RESULTS}" for run in runs]
+
+
 def lines_by_label(fig):
     return {line.get_label(): line.get_xydata().tolist() for line in fig.axes[0].lines}
 
@@ -69,9 +79,8 @@ def test_accuracy_vs_gmacs_has_a_line_per_method_and_the_dense_reference(method_
     out = tmp_path / "figs"
     figures, missing = draw(*method_runs.values(), "--out", out)
     assert set(figures) == {"accuracy_vs_gmacs.png"}
-    assert missing == [f"kept-token histogram: run 'ats' ({method_runs['ats']}): no per-image kept_tokens: its test "
-                       "job saved no results (run it with TEST.SAVE_RESULTS_PATH results.json, or results.pth for a "
-                       "video data set)"]
+    # Every run of a model that declares kept tokens (EViT, ATS) has a histogram, which needs its saved results.
+    assert missing == unsaved_histograms(*[method_runs[k] for k in ("evit07", "evit05", "ats")])
     assert_png(out / "accuracy_vs_gmacs.png")
     assert f"wrote {out / 'accuracy_vs_gmacs.png'} (4 runs)" in capsys.readouterr().out
     fig = figures["accuracy_vs_gmacs.png"]
@@ -94,6 +103,26 @@ def test_labels_and_reference_option(method_runs, tmp_path):
         draw(*runs, "--labels", "a", "b", "--out", tmp_path / "figs")
     with pytest.raises(ConfigError, match="two runs are labelled 'x'"):
         draw(*runs[:2], "--labels", "x", "x", "--out", tmp_path / "figs")
+
+
+def test_a_model_of_no_known_method_is_drawn_by_what_its_class_declares(method_runs, tmp_path, monkeypatch):
+    """A newly registered model is labelled by its MODEL.NAME, and its class's token_statistics decide whether it is a
+    dense reference and which histograms it has, not its name."""
+    class TokenDropViT(VisionTransformer):
+        token_statistics = ("kept_tokens",)
+
+    class WideViT(VisionTransformer):  # a dense backbone
+        pass
+
+    for model in (TokenDropViT, WideViT):
+        monkeypatch.setitem(MODEL_REGISTRY._obj_map, model.__name__, model)
+    runs = tmp_path / "new"
+    drop = fake_run(runs, "drop", "TokenDropViT", [{"top1_acc": 78.0, "gmacs_mean": 0.5}])
+    wide = fake_run(runs, "wide", "WideViT", [{"top1_acc": 82.0, "gmacs_mean": 2.0}])
+    figures, missing = draw(method_runs["deit"], drop, wide, "--out", tmp_path / "figs")
+    assert lines_by_label(figures["accuracy_vs_gmacs.png"]) == {"TokenDropViT": [[0.5, 78.0]],
+                                                                REFERENCE: [[1.25, 81.25], [2.0, 82.0]]}
+    assert missing == unsaved_histograms(drop)
 
 
 def test_video_runs_plot_per_view_gmacs_and_per_video_top1_and_refuse_mixing_with_images(method_runs, tmp_path):
@@ -123,13 +152,17 @@ def test_a_run_without_test_record_is_named_and_left_out(method_runs, tmp_path, 
     assert "top1_acc of its test_final record in json_stats.log is non-finite" in draw(bad, "--out", tmp_path)[1][0]
 
 
-def test_a_folder_that_is_no_run_is_an_error_naming_the_file(method_runs, tmp_path, capsys):
+def test_a_folder_that_is_no_run_is_an_error_and_a_corrupt_log_leaves_out_its_run(method_runs, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     rc = plot_tool.main([str(method_runs["deit"]), str(tmp_path / "empty"), "--out", str(tmp_path / "figs")])
     assert rc == 2 and "has no config.yaml" in capsys.readouterr().err
-    (method_runs["ats"] / "json_stats.log").write_text('{"_type": "val"}\nnot json\n')
-    rc = plot_tool.main([str(method_runs["ats"]), "--out", str(tmp_path / "figs")])
-    assert rc == 2 and f"{method_runs['ats'] / 'json_stats.log'}, line 2: not a JSON record" in capsys.readouterr().err
+    # A test_final record, then a line cut short (a run killed while writing): that run alone is left out, named.
+    log = method_runs["evit05"] / "json_stats.log"
+    log.write_text(log.read_text() + '{"_type": "test_final", "top1_a')
+    figures, missing = draw(method_runs["deit"], method_runs["evit05"], method_runs["evit07"], "--out", tmp_path / "f")
+    assert missing[0].startswith(f"accuracy_vs_gmacs.png: run 'evit05' ({method_runs['evit05']}): {log}, line 4: not "
+                                 "a JSON record (")
+    assert lines_by_label(figures["accuracy_vs_gmacs.png"]) == {"EViT": [[0.875, 79.5]], REFERENCE: [[1.25, 81.25]]}
 
 
 def bench_model(cfg, rates):
@@ -154,7 +187,7 @@ def test_accuracy_vs_throughput_matches_benchmarks_to_runs_by_config_name(method
     assert lines_by_label(fig) == {"EViT": [[600.0, 79.5], [700.0, 77.0]], REFERENCE: [[400.0, 81.25]]}
     assert fig.axes[0].get_xlabel() == "images/s at batch 8 (cpu)"
     assert_png(tmp_path / "figs" / "accuracy_vs_throughput.png")
-    assert len(missing) == 3 and missing[2].startswith("kept-token histogram: run 'ats'")
+    assert len(missing) == 5 and missing[2:] == unsaved_histograms(*runs[1:])
     assert missing[1] == (f"accuracy_vs_throughput.png: run 'ats' ({method_runs['ats']}): no benchmark of a config "
                           "named 'ats' or after its folder")
     assert missing[0] == (f"accuracy_vs_throughput.png: the benchmark of {tmp_path / 'configs' / 'other.yaml'} "
@@ -164,7 +197,7 @@ def test_accuracy_vs_throughput_matches_benchmarks_to_runs_by_config_name(method
     assert lines_by_label(figures["accuracy_vs_throughput.png"]) == {"EViT": [[800.0, 79.5]],
                                                                       REFERENCE: [[500.0, 81.25]]}
     _, missing = draw(*runs[:2], "--benchmark", first, "--batch", "4", "--out", tmp_path / "figs")
-    assert len(missing) == 2 and all("has no batch 4: measured [1, 8, 32]" in m for m in missing)
+    assert len(missing) == 3 and all("has no batch 4: measured [1, 8, 32]" in m for m in missing[:2])
 
 
 def dvt_curve(seed: int) -> dict:
@@ -174,16 +207,22 @@ def dvt_curve(seed: int) -> dict:
     return budget_curve(probs, probs, labels, [0.5, 1.0, 2.0], points=range(1, 60, 6))
 
 
-def test_dvt_curves_of_every_dvt_run_and_a_dvt_run_without_curves_named(tmp_path):
+def test_dvt_curves_of_every_dvt_run_that_computed_them_and_a_dvt_run_without_curves_named(tmp_path):
     runs = tmp_path / "runs"
-    test = {"top1_acc": 70.0, "gmacs_mean": 1.0}
-    dvt = fake_run(runs, "dvt", "DVT", [test])
+    dvt = fake_run(runs, "dvt", "DVT", [{"top1_acc": 70.0, "gmacs_mean": 1.0}])
     curves = {"budgeted (threshold search)": dvt_curve(1), "budgeted (checkpoint thresholds)": dvt_curve(2)}
     (dvt / "dvt_curves.json").write_text(json.dumps(curves))
-    bare = fake_run(runs, "dvt_no_curves", "DVT", [test])
-    figures, missing = draw(dvt, bare, "--out", tmp_path / "figs")
-    assert missing == [f"dvt_curves.png: run 'dvt_no_curves' ({bare}): no dvt_curves.json (its test job ran with "
-                       "DVT.CURVES False)"]
+    bare = fake_run(runs, "dvt_no_curves", "DVT", [{"top1_acc": 69.0, "gmacs_mean": 0.75}])
+    # Other budget points of dvt's checkpoint, evaluated without curves (as tools/compare_methods.py's plan does):
+    # their accuracy is drawn, dvt's curves once.
+    points = [fake_run(runs, f"dvt_point{p}", "DVT", [{"top1_acc": 60.0 + p, "gmacs_mean": p / 10}],
+                       opts=["DVT.BUDGET_POINT", str(p), "DVT.CURVES", "False"]) for p in (5, 30)]
+    figures, missing = draw(dvt, bare, *points, "--out", tmp_path / "figs")
+    assert missing == [f"dvt_curves.png: run 'dvt_no_curves' ({bare}): no dvt_curves.json though DVT.CURVES is True "
+                       "(its test job has not run, or stopped before writing them)"]
+    # An early-exit model is no dense reference, whatever it declares.
+    assert lines_by_label(figures["accuracy_vs_gmacs.png"]) == {"DVT": [[0.5, 65.0], [0.75, 69.0], [1.0, 70.0],
+                                                                        [3.0, 90.0]]}
     assert_png(tmp_path / "figs" / "dvt_curves.png")
     lines = figures["dvt_curves.png"].axes[0].lines
     budgeted = {line.get_label(): line.get_xydata().tolist() for line in lines if line.get_marker() == "o"}
@@ -212,10 +251,17 @@ def test_token_histograms_draw_the_saved_per_image_values(tmp_path):
     (avit / "results.json").write_text(json.dumps({"rows": rows}))
     ats = fake_run(tmp_path, "ats", "ATSVisionTransformer", [test], "results.pth", opts + ["ATS.BLOCKS", "[1,2]"])
     torch.save({"index": torch.arange(30), "kept_tokens": torch.from_numpy(kept[::-1].copy())}, ats / "results.pth")
-    evit = fake_run(tmp_path, "evit", "EViTVisionTransformer", [test], "results.json")  # a fixed count: none
-    figures, missing = draw(avit, ats, evit, "--out", tmp_path / "figs")
+    evit = fake_run(tmp_path, "evit", "EViTVisionTransformer", [test], "results.json",
+                    opts + ["EVIT.LOCATIONS", "[1,2]"])
+    fixed = [17, 17, 12, 9]  # EViT keeps the same count in every image: one bar per block
+    (evit / "results.json").write_text(json.dumps({"rows": [{**row, "kept_tokens": fixed} for row in rows]}))
+    dense = fake_run(tmp_path, "dense", "VisionTransformer", [test], "results.json", opts)  # declares none: no figure
+    figures, missing = draw(avit, ats, evit, dense, "--out", tmp_path / "figs")
     assert missing == [] and set(figures) == {"accuracy_vs_gmacs.png", "avit_token_depth.png", "avit_kept_tokens.png",
-                                              "ats_kept_tokens.png"}
+                                              "ats_kept_tokens.png", "evit_kept_tokens.png"}
+    evit_panels = figures["evit_kept_tokens.png"].axes
+    assert [[(round(p.get_x() + p.get_width() / 2), p.get_height()) for p in ax.patches if p.get_height()]
+            for ax in evit_panels] == [[(count, 30)] for count in fixed]
     depth_ax = figures["avit_token_depth.png"].axes[0]
     assert sum(p.get_height() for p in depth_ax.patches) == 30
     assert depth_ax.lines[0].get_xdata()[0] == pytest.approx(depths.mean())  # the mean marked

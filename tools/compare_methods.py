@@ -21,9 +21,12 @@ images of the test split) at the plan's batch sizes, and tools/plot.py draws the
 
 Running the command again reuses every finished run (a `test_final` record, and the config it would run now) and
 every benchmark newer than the runs it measured; an interrupted run resumes from its last checkpoint. A run that
-fails is reported by name, the runs that need it are skipped, the others go on, and the table marks them; the exit
-status is then 1. --runs keeps the runs whose names match (shell patterns, comma-separated), with the runs they
-start from and the reference. --quick: 1 epoch everywhere, no warm-up, short benchmarks, in runs/compare_<plan>_quick.
+starts from another's checkpoint (`from`, `test_of`) is reused or resumed only when it started after that checkpoint
+was written: when the other run was trained again, its folder is deleted and it runs again (the progress line says
+why). A run that fails (a json_stats.log that is not JSON included) is reported by name, the runs that need it are
+skipped, the others go on, and the table marks them; the exit status is then 1. --runs keeps the runs whose names
+match (shell patterns, comma-separated), with the runs they start from and the reference. --quick: 1 epoch
+everywhere, no warm-up, short benchmarks, in runs/compare_<plan>_quick.
 """
 
 import argparse
@@ -31,6 +34,7 @@ import fnmatch
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +48,7 @@ sys.path.insert(0, REPO)
 
 from vitadapt.config import CfgNode, config_differences, load_config  # noqa: E402
 from vitadapt.errors import VitadaptError  # noqa: E402
+from vitadapt.utils.logging import last_record  # noqa: E402
 
 RUN_NET = os.path.join(REPO, "tools", "run_net.py")
 BENCHMARK = os.path.join(REPO, "tools", "benchmark.py")
@@ -56,6 +61,7 @@ QUICK_BENCHMARK = ["BENCHMARK.WARMUP_ITERS", "1", "BENCHMARK.NUM_REPEATS", "1", 
 PLAN_KEYS = {"reference", "seed", "epochs", "finetune_epochs", "finetune_overrides", "benchmark_batch_sizes", "runs"}
 RUN_KEYS = {"name", "method", "budget", "config", "overrides", "from", "test_of"}
 RESERVED_NAMES = ("benchmark", "logs", "plots")  # folders of DIR besides the runs'
+TRACEBACK_LINES = 3  # reported of a failure without an `error:` line: the exception and where it was raised
 
 
 class PlanError(VitadaptError):
@@ -232,12 +238,18 @@ class Comparison:
         return os.path.join(self.out, "logs", f"{name}.log")
 
     def execute(self, run: Run) -> Result:
-        """Trains and tests `run` (or reuses it when finished with the same config); raises RunFailed."""
+        """Trains and tests `run` (or reuses it when finished with the same config, after its parent's checkpoint);
+        raises VitadaptError (RunFailed, a json_stats.log that is not JSON)."""
         parent = self.results[run.parent].record["checkpoint"] if run.parent else ""
         opts = self.opts(run, parent)
         wanted = load_config(run.config, opts)
         folder = self.run_dir(run.name)
-        record = last_test_final(folder)
+        if parent and started_before(folder, parent):
+            # The parent was trained again at the same path: this run (finished or not) used its old weights.
+            print(f"  {run.parent} was trained again after this run started ({parent} is newer than "
+                  f"{folder}/config.yaml): deleting the run and running it again", flush=True)
+            shutil.rmtree(folder)
+        record = last_record(folder, "test_final")
         if record is not None:
             check_same_config(folder, wanted)
             print(f"  reusing the finished run in {folder}", flush=True)
@@ -245,7 +257,7 @@ class Comparison:
         start = time.perf_counter()
         call(self.log(run.name), [RUN_NET, "--cfg", run.config] + opts, "tools/run_net.py")
         seconds = time.perf_counter() - start
-        record = last_test_final(folder)
+        record = last_record(folder, "test_final")
         if record is None:
             raise RunFailed(f"tools/run_net.py left no test_final record in {folder}/json_stats.log")
         return Result(run, record=record, opts=opts, seconds=seconds)
@@ -391,28 +403,23 @@ def epochs(n: int) -> str:
 
 
 def call(log: str, args: List[str], what: str) -> None:
-    """Runs a tool in a subprocess, its output appended to `log`; raises RunFailed with its error line."""
+    """Runs a tool in a subprocess, its output appended to `log`; raises RunFailed with the last `error:` line it
+    wrote (the tools' message for bad input), else the last lines it wrote (a traceback's exception). Only this
+    call's output is read: the log keeps the earlier attempts."""
     os.makedirs(os.path.dirname(log), exist_ok=True)
     with open(log, "a") as f:
         f.write(f"$ {' '.join([os.path.basename(sys.executable)] + args)}\n")
         f.flush()
+        start = os.fstat(f.fileno()).st_size  # what the tool writes comes after
         rc = subprocess.run([sys.executable] + args, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc:
-        with open(log) as f:
-            lines = [line.strip() for line in f if line.strip()]
-        errors = [line for line in lines if line.startswith("error:")] or lines[-1:]
-        raise RunFailed(f"{what} exited with status {rc}: {errors[-1] if errors else '(no output)'} (log: {log})")
-
-
-def last_test_final(folder: str) -> Optional[dict]:
-    """The last test_final record of OUTPUT_DIR/json_stats.log, or None."""
-    path = os.path.join(folder, "json_stats.log")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    finals = [r for r in records if r.get("_type") == "test_final"]
-    return finals[-1] if finals else None
+        with open(log, "rb") as f:
+            f.seek(start)
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines()
+                     if line.strip(" ^~")]  # not the markers under a traceback's code
+        errors = [line for line in lines if line.startswith("error:")]
+        said = errors[-1] if errors else " | ".join(lines[-TRACEBACK_LINES:]) or "(no output)"
+        raise RunFailed(f"{what} exited with status {rc}: {said} (log: {log})")
 
 
 def check_same_config(folder: str, wanted) -> None:
@@ -431,6 +438,12 @@ def check_same_config(folder: str, wanted) -> None:
 
 def is_newer(path: str, sources: List[str]) -> bool:
     return os.path.isfile(path) and all(os.path.getmtime(path) >= os.path.getmtime(s) for s in sources)
+
+
+def started_before(folder: str, checkpoint: str) -> bool:
+    """Whether the run in `folder` started (wrote its config.yaml) before `checkpoint` was last written."""
+    return (os.path.isdir(folder) and os.path.isfile(checkpoint)
+            and not is_newer(os.path.join(folder, "config.yaml"), [checkpoint]))
 
 
 def measured_batches(report_path: str) -> List[int]:

@@ -21,8 +21,10 @@ is an error naming the file, the expected and the actual hash. That row, like a 
 vitadapt error, is marked failed and the run goes on with the next row: a zoo run takes hours, one bad download
 should not cost the others (any other exception stops the run). A progress line per row; <out>/model_zoo.md and
 <out>/model_zoo.json (reproduced vs published top-1, top-5 and GMACs, with the deltas) are rewritten after every
-row. Exit status: 0 when no row failed, 1 when one did, 2 for bad input (manifest, options, a KEY VALUE a row's
-config refuses), found before anything is evaluated.
+row. Exit status: 0 when rows were evaluated and none failed, 1 when one failed, 2 for bad input (manifest,
+options, a folder that does not exist, a KEY VALUE a row's config refuses), found before anything is evaluated,
+3 when no row was evaluated (every chosen row not found in DIR or without its data set's folder): a run that
+checked nothing is not a success.
 """
 
 import argparse
@@ -40,6 +42,7 @@ from vitadapt.errors import VitadaptError  # noqa: E402
 MANIFEST = os.path.join(REPO, "configs", "model_zoo.yaml")
 DOC = os.path.join(REPO, "MODEL_ZOO.md")
 DATA_OPTION = {"imagenet": "--imagenet", "kinetics": "--kinetics"}
+NOTHING_EVALUATED = 3  # the exit status of a run in which no row was evaluated
 # Keys the tool sets for every row, and to what.
 OWN_KEYS = {"OUTPUT_DIR": "<--out>/runs/<row>", "TRAIN.ENABLE": "False", "TEST.ENABLE": "True",
             "TEST.CHECKPOINT_FILE_PATH": "<--weights>/<the row's file>",
@@ -70,10 +73,13 @@ def parse(argv=None):
     if not (args.write_doc or args.list):
         if not args.weights:
             parser.error("--weights DIR is required")
-        if not os.path.isdir(args.weights):
-            parser.error(f"--weights is not a folder: {args.weights}")
         if not (args.imagenet or args.kinetics):
             parser.error("give --imagenet PATH and/or --kinetics PATH")
+        # Before any file is hashed or row evaluated: a mistyped data path would otherwise fail every row.
+        for option in ("--weights",) + tuple(DATA_OPTION.values()):
+            path = getattr(args, option[2:])
+            if path and not os.path.isdir(path):
+                parser.error(f"{option} is not a folder: {path}")
     return args, opts
 
 
@@ -156,7 +162,8 @@ def run(args, opts) -> int:
     for i, row in enumerate(rows, 1):
         status, reason = plan(row, args)
         result = {"name": row.name, "status": status, "reason": reason, "file": row.file, "hash": row.hash,
-                  "config": shown(row.config), "overrides": {k: str(v) for k, v in row.overrides.items()},
+                  "config": shown(row.config), "model": row.model,
+                  "overrides": {k: str(v) for k, v in row.overrides.items()},
                   "dataset": row.dataset, "views": row.views, "published": dict(row.published), "reproduced": {},
                   "delta": {}, "source": row.source}
         if status == "evaluate":
@@ -180,7 +187,14 @@ def run(args, opts) -> int:
     failed = [r["name"] for r in results if r["status"] == "failed"]
     print(f"[model_zoo] results: {os.path.join(args.out, 'model_zoo.md')} and model_zoo.json"
           + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
-    return 1 if failed else 0
+    if failed:
+        return 1
+    if not any(r["status"] == "evaluated" for r in results):
+        print(f"error: no row was evaluated ({zoo.status_counts(results)}): put the rows' files into "
+              f"{args.weights} and give the data set folder of the rows you want ({' / '.join(DATA_OPTION.values())});"
+              " each row's reason is in the table", file=sys.stderr, flush=True)
+        return NOTHING_EVALUATED
+    return 0
 
 
 def main(argv=None) -> int:
@@ -191,7 +205,7 @@ def main(argv=None) -> int:
             return 0
         if args.list:
             for row in zoo.load_manifest(args.manifest):
-                print(f"{row.name:48s} {row.dataset:9s} {row.file}")
+                print(f"{row.name:32s} {row.model:44s} {row.dataset:9s} {row.file}")
             return 0
         return run(args, opts)
     except VitadaptError as e:

@@ -6,24 +6,30 @@
 
 A RUN_DIR is an OUTPUT_DIR of tools/run_net.py: its config.yaml names the model, the last test_final record of its
 json_stats.log gives its top-1 and GMACs. Runs are labelled by their folder name, or by --labels (one per RUN_DIR).
-Written to DIR:
+Which figures a run is in follows its model's class (MODEL.NAME in the model registry): the per-image statistics it
+declares (`token_statistics`) and its exits. Written to DIR:
 
   accuracy_vs_gmacs.png       top-1 vs mean GMACs per image (videos: per view, and top-1 per video), one line per
-                              method through its runs (its budgets), the dense runs as black stars: a run whose
-                              MODEL.NAME is no method's (VisionTransformer, T2TViT, TimeSformer, XViT), or one
-                              given with --reference
+                              method through its runs (its budgets; labelled by method, or by MODEL.NAME for a model
+                              of no known method), the dense runs as black stars: a run whose model declares no
+                              per-image token statistic and has one exit (VisionTransformer, T2TViT, TimeSformer,
+                              XViT), or one given with --reference
   accuracy_vs_throughput.png  with --benchmark: top-1 vs the images (clips) per second tools/benchmark.py measured
                               at --batch (default: the largest batch size every benchmark measured)
-  dvt_curves.png              the budgeted (lines) and anytime (squares) curves of the DVT runs (DVT.CURVES)
-  LABEL_token_depth.png       A-ViT runs: histogram of the per-image mean token depth
-  LABEL_kept_tokens.png       ATS, A-ViT and AdaViT runs: histograms of the tokens each image kept, per block
+  dvt_curves.png              the budgeted (lines) and anytime (squares) curves of the early-exit (DVT) runs whose
+                              test job computed them (DVT.CURVES True)
+  LABEL_token_depth.png       runs whose model declares token_depth (A-ViT): histogram of the per-image mean token
+                              depth
+  LABEL_kept_tokens.png       runs whose model declares kept_tokens (ATS, EViT, A-ViT, AdaViT): histograms of the
+                              tokens each image kept, per block (EViT: one bar per block, its fixed count)
 
 The histograms read the per-image values the test job saves with TEST.SAVE_RESULTS_PATH (a .json file, or a torch
 file such as results.pth; videos: the torch file, per view). A benchmark result belongs to the run whose label or
 folder name is the benchmarked config's name: the run's folder for RUN_DIR/config.yaml (benchmark a run with
 `tools/benchmark.py --cfg RUN_DIR/config.yaml TEST.CHECKPOINT_FILE_PATH ...`), else the config file's name
 without .yaml. A run that lacks what a figure needs is named on a "missing:" line and left out of that figure;
-the exit code is then 1 (2 for an error that stops everything, such as a folder that is no run).
+the exit code is then 1 (so is a run whose json_stats.log has a line that is not JSON); 2 for an error that stops
+everything, such as a folder that is no run.
 """
 
 import argparse
@@ -39,7 +45,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from vitadapt.config import ConfigError  # noqa: E402
 from vitadapt.errors import VitadaptError  # noqa: E402
 from vitadapt.visualization.curves import plot_budget_curves  # noqa: E402
-from vitadapt.visualization.plots import (VARYING_TOKENS, MissingStats, load_run, largest_common_batch,  # noqa: E402
+from vitadapt.visualization.plots import (MissingStats, load_run, largest_common_batch,  # noqa: E402
                                           match_benchmarks, plot_kept_tokens, plot_token_depth, plot_tradeoff,
                                           read_benchmarks, throughput)
 
@@ -128,16 +134,16 @@ def draw(args) -> Tuple[Dict[str, Figure], List[str]]:
             write("accuracy_vs_throughput.png", plot_tradeoff, [r.point(*xy) for r, xy in found],
                   what=f" ({len(found)} runs, batch {batch})", xlabel=f"{unit}s/s at batch {batch} ({devices})",
                   ylabel=top1, title="accuracy vs measured throughput")
-    found = gather("dvt_curves.png", [r for r in runs if r.method == "DVT"], lambda r: r.dvt_curves(), missing)
+    found = gather("dvt_curves.png", [r for r in runs if r.has_curves], lambda r: r.dvt_curves(), missing)
     if found:
         curves = {f"{r.label}: {name}": curve for r, run_curves in found for name, curve in run_curves.items()}
         write("dvt_curves.png", plot_budget_curves, curves, what=f" ({len(found)} runs)",
               title="DVT: budgeted batch (lines) and anytime (squares)")
-    for run, depths in gather("token-depth histogram", [r for r in runs if r.method == "A-ViT"],
+    for run, depths in gather("token-depth histogram", [r for r in runs if "token_depth" in r.statistics],
                               lambda r: r.per_image("token_depth"), missing):
         write(f"{file_stem(run.label)}_token_depth.png", plot_token_depth, depths, what=f" ({len(depths)} {unit}s)",
               title=f"{run.label}: token depth")
-    for run, counts in gather("kept-token histogram", [r for r in runs if r.method in VARYING_TOKENS],
+    for run, counts in gather("kept-token histogram", [r for r in runs if "kept_tokens" in r.statistics],
                               lambda r: r.per_image("kept_tokens"), missing):
         write(f"{file_stem(run.label)}_kept_tokens.png", plot_kept_tokens, counts, what=f" ({len(counts)} {unit}s)",
               title=f"{run.label}: kept tokens per block", unit=unit)

@@ -42,6 +42,12 @@ METHODS = {"deit": ("VisionTransformer", None), "none": ("VisionTransformer", No
            "ats": ("ATSVisionTransformer", "ATS"), "evit": ("EViTVisionTransformer", "EVIT"),
            "avit": ("AViTVisionTransformer", "AVIT"), "adavit": ("AdaViTVisionTransformer", "ADAVIT")}
 LAYER_NORM_EPS = 1e-6  # the backbone's LayerNorm eps (DeiT / timm)
+# What the forward of each model family records, and cost() reads: image ViTs their live tokens per block, video
+# models the clip shape, DVT the exit of each image.
+FORWARD_RECORDS = ("last_token_counts", "last_clip_shape", "last_exit")
+# adapt(): the timm pretrained_cfg entries of the eval preprocessing -> the config keys of vitadapt's eval transform.
+TIMM_DATA_KEYS = {"mean": "DATA.MEAN", "std": "DATA.STD", "crop_pct": "DATA.IN_VAL_CROP_RATIO",
+                  "interpolation": "DATA.INTERPOLATION"}
 
 
 class UnsupportedModelError(VitadaptError, ValueError):
@@ -130,16 +136,20 @@ def create_model(name: str, checkpoint: Optional[str] = None, **overrides):
 def _set_exit_thresholds(cfg, model) -> None:
     """A multi-exit model's (DVT) thresholds that need no data: DVT.THRESHOLDS (already set by the model's config),
     or DVT.BUDGET_POINT's as stored in the checkpoint. Those the test job searches on data are left unset, said."""
-    from vitadapt.engine.exits import calibrate_on_inputs
+    from vitadapt.engine.exits import calibrate_on_inputs, needs_threshold_search
 
     d = cfg.DVT
-    if d.BUDGET_GMACS > 0 or (d.BUDGET_POINT > 0 and d.THRESHOLD_SOURCE == "search"):
+    if needs_threshold_search(cfg):
         logger.warning("%s: DVT.BUDGET_POINT %d / DVT.BUDGET_GMACS %g choose the exit thresholds by a search on "
                        "training images, which create_model does not run: every exit runs and the last one answers. "
                        "Give DVT.THRESHOLDS (or call model.set_thresholds), or evaluate with tools/run_net.py",
                        cfg.MODEL.NAME, d.BUDGET_POINT, d.BUDGET_GMACS)
-    elif d.BUDGET_POINT > 0:  # the checkpoint's thresholds (the images are only read by a search)
-        calibrate_on_inputs(cfg, model, None, cfg.TEST.CHECKPOINT_FILE_PATH)
+    elif d.THRESHOLD_SOURCE == "checkpoint":  # with a DVT.BUDGET_POINT, as the config requires
+        if not cfg.TEST.CHECKPOINT_FILE_PATH:
+            raise _config_error(f"DVT.THRESHOLD_SOURCE checkpoint reads the thresholds of DVT.BUDGET_POINT "
+                                f"{d.BUDGET_POINT} from an official DVT checkpoint, and no checkpoint was given: "
+                                "pass it as create_model(..., checkpoint=PATH)")
+        calibrate_on_inputs(cfg, model, None, cfg.TEST.CHECKPOINT_FILE_PATH)  # no images: they serve a search only
 
 
 # ------------------------------------------------------------------ cost
@@ -156,10 +166,10 @@ def cost(model) -> Dict[str, "Tensor"]:
     from vitadapt.utils.checkpoint import unwrap
 
     model = unwrap(model)
-    try:
-        out = {"gmacs": model.macs_per_image().double() / 1e9}
-    except AttributeError as e:  # the statistics are recorded by a forward
-        raise RuntimeError(f"cost() reads the last forward of the model; run one first ({e})") from e
+    if all(getattr(model, name, None) is None for name in FORWARD_RECORDS):
+        raise RuntimeError(f"cost() reads the last forward of the model; run one first (this "
+                           f"{type(model).__name__} has recorded none of {', '.join(FORWARD_RECORDS)})")
+    out = {"gmacs": model.macs_per_image().double() / 1e9}
     counts = getattr(model, "last_token_counts", None)
     if counts is not None and reports(model, "kept_tokens"):
         out["kept_tokens"] = counts[..., 1]
@@ -182,7 +192,11 @@ def adapt(timm_model, method: str, **method_options):
     cascade of three ViTs trained together. method_options: the method's config keys in lower case, e.g.
     keep_rate=0.7 (EVIT.KEEP_RATE), locations=[3, 6, 9] (EVIT.LOCATIONS), blocks / budgets (ATS.BLOCKS /
     ATS.BUDGETS), gate_scale / gate_center (AVIT.*), head / layer / token / token_threshold (ADAVIT.*); the
-    config's defaults otherwise. The weights go through the conversion official DeiT checkpoints go through
+    config's defaults otherwise. `model.cfg` holds the timm model's preprocessing, from its `pretrained_cfg`
+    (mean, std, crop_pct, interpolation: DATA.MEAN, DATA.STD, DATA.IN_VAL_CROP_RATIO, DATA.INTERPOLATION), so that
+    vitadapt's eval transform is timm's; a model built without timm.create_model has no pretrained_cfg, and
+    `model.cfg` keeps vitadapt's defaults (ImageNet mean / std, bicubic, crop ratio 0.875), with a warning.
+    The weights go through the conversion official DeiT checkpoints go through
     (`model.load_report`). Parameters the timm model does not have (AdaViT's decision heads) start from the
     method's fine-tuning initialisation and are named in `model.new_parameters`; A-ViT has none (it halts on
     channel 0 of the tokens). A-ViT and AdaViT decide well only once fine-tuned.
@@ -206,15 +220,19 @@ def adapt(timm_model, method: str, **method_options):
     if unknown:
         valid = ", ".join(f"{k} ({v})" for k, v in options.items()) or "none"
         raise _config_error(f"adapt(..., '{method}'): unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+    preprocessing = timm_data_config(timm_model)
     opts = ["MODEL.NAME", model_class]
-    for config_key, value in {**timm_backbone_config(timm_model),
+    for config_key, value in {**timm_backbone_config(timm_model), **preprocessing,
                               **{options[k]: v for k, v in method_options.items()}}.items():
         opts += [config_key, value]
+    # Where each key that is not the architecture's comes from, to name it when the config refuses its value.
+    origins = {**{v: f"option {k}" for k, v in options.items()},
+               **{v: f"timm_model.pretrained_cfg['{k}']" for k, v in TIMM_DATA_KEYS.items() if v in preprocessing}}
     try:
         cfg = load_config("", opts)
     except ConfigError as e:
-        named = [f"{k} is {v}" for k, v in options.items() if re.search(rf"\b{re.escape(v)}\b", str(e))]
-        raise ConfigError(f"adapt(..., '{method}'): {e}" + (f" (option {'; '.join(named)})" if named else "")) from None
+        named = [f"{origin} is {key}" for key, origin in origins.items() if re.search(rf"\b{re.escape(key)}\b", str(e))]
+        raise ConfigError(f"adapt(..., '{method}'): {e}" + (f" ({'; '.join(named)})" if named else "")) from None
     model = _build(cfg)
     weights = timm_model.state_dict()
     report = LoadReport(f"timm {type(timm_model).__name__}", "state_dict()")
@@ -227,6 +245,26 @@ def adapt(timm_model, method: str, **method_options):
         logger.info("  new parameters (not in the timm model): %s", ", ".join(model.new_parameters))
     model.cfg = cfg
     return model.to(_device_of(timm_model)).eval()
+
+
+def timm_data_config(model) -> dict:
+    """{config key: value} of the preprocessing `model`'s timm `pretrained_cfg` names (TIMM_DATA_KEYS); empty, with a
+    warning, for a model without one (built directly, not by timm.create_model)."""
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    if not pretrained_cfg:
+        logger.warning("the timm model has no pretrained_cfg (built without timm.create_model): model.cfg keeps "
+                       "vitadapt's default preprocessing (DATA.MEAN, DATA.STD, DATA.IN_VAL_CROP_RATIO, "
+                       "DATA.INTERPOLATION); set them to the model's own")
+        return {}
+    if pretrained_cfg.get("crop_mode", "center") != "center":
+        logger.warning("the timm model's pretrained_cfg crop_mode is '%s': vitadapt's eval transform crops the "
+                       "center", pretrained_cfg["crop_mode"])
+    out = {}
+    for name, key in TIMM_DATA_KEYS.items():
+        value = pretrained_cfg.get(name)
+        if value is not None:
+            out[key] = list(value) if isinstance(value, tuple) else value  # timm's tuples, the config's lists
+    return out
 
 
 def timm_backbone_config(model) -> dict:

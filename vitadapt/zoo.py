@@ -11,6 +11,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import yaml
@@ -23,7 +24,7 @@ METRICS = ("top1", "top5", "gmacs")
 # or AdaViT's official flops table (what its paper reports).
 GMACS_STATS = ("gmacs_mean", "gflops_official_mean")
 _REQUIRED = {"name": str, "file": str, "file_from_release": bool, "url": str, "hash": (str, type(None)),
-             "config": str, "dataset": str, "published": dict, "source": str}
+             "config": str, "model": str, "dataset": str, "published": dict, "source": str}
 _OPTIONAL = {"overrides": dict, "views": str, "gmacs_stat": str, "note": str}
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # also the row's run folder
 _HASH = re.compile(r"^(sha256:[0-9a-f]{8,64}|md5:[0-9a-f]{32})$")
@@ -47,7 +48,8 @@ evaluates every row whose file is in DIR, as `tools/run_net.py` tests a checkpoi
 release names, and writes reproduced against published top-1, top-5 and GMACs, with the deltas, to
 `runs/model_zoo/model_zoo.{md,json}` (`--rows 'evit_*'` picks rows by name). Published numbers are the release's
 (column "published by"), "-" where it publishes none; GMACs are per image, per view for videos; video views are
-temporal clips x spatial crops."""
+temporal clips x spatial crops. In Python, `vitadapt.create_model(MODEL, checkpoint=FILE, **OVERRIDES)` builds a
+row's model (column "vitadapt model"; the overrides, if any, are in column "config")."""
 
 
 class ManifestError(VitadaptError, ValueError):
@@ -66,6 +68,7 @@ class Row:
     url: str  # where it is published (documentation only)
     hash: Optional[str]  # "sha256:<prefix>" / "md5:<hex>" as the release names it, or None
     config: str  # resolved path of the YAML config
+    model: str  # the config's vitadapt.list_models() name (what vitadapt.create_model builds)
     overrides: Mapping[str, object]
     dataset: str
     views: Optional[str]  # video rows: "CLIPSxCROPS"
@@ -108,7 +111,7 @@ def _row(entry, index: int, manifest: str) -> Row:
     require(entry["dataset"] in DATASETS, "dataset", " or ".join(DATASETS))
     video = entry["dataset"] == "kinetics"
     views = entry.get("views")
-    require(bool(_VIEWS.match(views)) if video else views is None, "views",
+    require(views is not None and bool(_VIEWS.match(views)) if video else views is None, "views",
             "'CLIPSxCROPS' (e.g. 1x3) for a video row" if video else "absent for an image row")
     published = entry["published"]
     require(set(published) == set(METRICS), "published", f"a mapping of exactly {', '.join(METRICS)}")
@@ -123,7 +126,8 @@ def _row(entry, index: int, manifest: str) -> Row:
     require(all(isinstance(k, str) for k in overrides), "overrides", "a mapping of config keys to values")
     config = os.path.join(os.path.dirname(os.path.abspath(manifest)), entry["config"])
     return Row(name=name, file=entry["file"], file_from_release=entry["file_from_release"], url=entry["url"],
-               hash=entry["hash"], config=config, overrides=dict(overrides), dataset=entry["dataset"], views=views,
+               hash=entry["hash"], config=config, model=entry["model"], overrides=dict(overrides),
+               dataset=entry["dataset"], views=views,
                published=dict(published), gmacs_stat=gmacs_stat, source=entry["source"], note=entry.get("note", ""))
 
 
@@ -155,14 +159,19 @@ def load_manifest(path: str) -> List[Row]:
 
 
 def load_row_config(row: Row, opts: Sequence[object] = (), check_files: bool = False):
-    """The row's config with its overrides, then `opts`; refused (naming the row) when it does not load or does not
-    match the row's data set and views."""
+    """The row's config with its overrides, then `opts`; refused (naming the row) when it does not load, is not the
+    config of the row's model name, or does not match the row's data set and views."""
+    from vitadapt.api import config_file
     from vitadapt.config import load_config
 
     try:
         cfg = load_config(row.config, row.opts() + list(opts), check_files=check_files)
+        named = config_file(row.model)
     except VitadaptError as e:
         raise ManifestError(f"row {row.name}: {e}") from None
+    if named.resolve() != Path(row.config).resolve():
+        raise ManifestError(f"row {row.name}: model '{row.model}' is built from {named}, but the row's config is "
+                            f"{row.config}; make them agree")
     if cfg.TEST.DATASET != row.dataset:
         raise ManifestError(f"row {row.name}: dataset is {row.dataset} but its config tests on TEST.DATASET "
                             f"{cfg.TEST.DATASET} ({row.config})")
@@ -253,13 +262,18 @@ def _overrides_text(overrides: Mapping[str, object]) -> str:
     return " ".join(f"{key} {value}" for key, value in overrides.items())
 
 
-def results_markdown(results: Sequence[dict], header: Sequence[str] = ()) -> str:
-    """The results table of tools/model_zoo.py: one line per row, reproduced / published (delta)."""
+def status_counts(results: Sequence[dict]) -> str:
+    """'2 evaluated, 1 not found': rows per status of tools/model_zoo.py's results, in order of first appearance."""
     counts: Dict[str, int] = {}
     for r in results:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
+def results_markdown(results: Sequence[dict], header: Sequence[str] = ()) -> str:
+    """The results table of tools/model_zoo.py: one line per row, reproduced / published (delta)."""
     lines = ["# Model zoo: reproduced vs published", ""] + [f"- {h}" for h in header]
-    lines += ["- rows: " + ", ".join(f"{n} {status}" for status, n in counts.items()), "",
+    lines += [f"- rows: {status_counts(results)}", "",
               "| row | status | top-1 reproduced / published (delta) | top-5 reproduced / published (delta) | "
               "GMACs reproduced / published (delta) | file | note |", "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -287,8 +301,8 @@ def write_results(out_dir: str, results: Sequence[dict], meta: Mapping) -> None:
 def doc_section(rows: Sequence[Row], root: str) -> str:
     """The MODEL_ZOO.md section (markers included) listing `rows`; config paths relative to `root`."""
     lines = [DOC_BEGIN, DOC_INTRO, "",
-             "| model | checkpoint | config | data | top-1 / top-5 | GMACs | published by | note |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | checkpoint | vitadapt model | config | data | top-1 / top-5 | GMACs | published by | note |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         file = f"[`{row.file}`]({row.url})" + ("" if row.file_from_release else "\\*")
         if row.hash:
@@ -299,8 +313,8 @@ def doc_section(rows: Sequence[Row], root: str) -> str:
         data = "ImageNet" if row.dataset == "imagenet" else f"Kinetics, {row.views} views"
         accuracy = f"{_published(row.published['top1'])} / {_published(row.published['top5'])}"
         gmacs = _published(row.published["gmacs"])
-        lines.append("| " + " | ".join(_cell(c) for c in (row.name, file, config, data, accuracy, gmacs, row.source,
-                                                             row.note)) + " |")
+        cells = (row.name, file, f"`{row.model}`", config, data, accuracy, gmacs, row.source, row.note)
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines + [DOC_END])
 
 

@@ -75,6 +75,13 @@ def stored_thresholds(path: str) -> Optional[torch.Tensor]:
     return official_figures(path).get("dynamic_threshold")
 
 
+def needs_threshold_search(cfg) -> bool:
+    """Whether the early-exit thresholds come from a search on data (DVT.BUDGET_GMACS, or DVT.BUDGET_POINT with
+    DVT.THRESHOLD_SOURCE search), rather than from the config (DVT.THRESHOLDS) or a checkpoint."""
+    d = cfg.DVT
+    return d.BUDGET_GMACS > 0 or (d.BUDGET_POINT > 0 and d.THRESHOLD_SOURCE == "search")
+
+
 def prepare_exits(cfg, model, device, checkpoint_path: str, amp_dtype=None) -> dict:
     """Curves (when DVT.CURVES) and the early-exit thresholds of the test job, set on the model. Returns the
     statistics to log with the test results (the operating point and what the curve predicts for it)."""
@@ -84,7 +91,7 @@ def prepare_exits(cfg, model, device, checkpoint_path: str, amp_dtype=None) -> d
     if d.THRESHOLD_SOURCE == "checkpoint" and stored is None:
         raise ConfigError(f"DVT.THRESHOLD_SOURCE checkpoint: {checkpoint_path} stores no dynamic_threshold "
                           "(official DVT .pth.tar files do); use DVT.THRESHOLD_SOURCE search")
-    searching = d.CURVES or d.BUDGET_GMACS > 0 or (d.BUDGET_POINT > 0 and d.THRESHOLD_SOURCE == "search")
+    searching = d.CURVES or needs_threshold_search(cfg)
     model.set_thresholds(None)
     stats: dict = {"exit_gmacs": gflops}
     search = None

@@ -39,9 +39,11 @@ class TokenBatch:
     num_initial: int = 0
     execution: str = "packed"
     frames: int = 1
-    # Packed layout: row of each live token in a [B * width] padded tensor, and width = max(lengths).
+    # Packed layout: row of each live token in a [B * width] padded tensor, and width = max(lengths); uniform:
+    # every image has width tokens (always at batch 1), so the packed rows are the padded layout already.
     flat_index: Optional[Tensor] = field(default=None, repr=False)
     width: int = 0
+    uniform: bool = False
 
     @classmethod
     def dense(cls, x: Tensor, execution: str = "packed", frames: int = 1) -> "TokenBatch":
@@ -86,13 +88,15 @@ class TokenBatch:
     def key_mask(self) -> Optional[Tensor]:
         """Boolean SDPA mask [B, 1, 1, N] (True: attend), or None when every token is live."""
         if self.is_packed:
-            return None if bool((self.lengths == self.width).all()) else self.live_mask()[:, None, None, :]
+            return None if self.uniform else self.live_mask()[:, None, None, :]
         return None if self.keep is None else self.keep[:, None, None, :]
 
     def padded(self, t: Tensor) -> Tensor:
         """A per-token tensor ([T, D] or [T]) in the padded [B, N, D] layout, zeros in the padding."""
         if not self.is_packed:
             return t
+        if self.uniform:  # no padding to add: a view, no copy (every image has `width` tokens)
+            return t.reshape((self.batch_size, self.width) + t.shape[1:])
         out = t.new_zeros((self.batch_size * self.width,) + t.shape[1:]).index_copy(0, self.flat_index, t)
         return out.view((self.batch_size, self.width) + t.shape[1:])
 
@@ -100,7 +104,8 @@ class TokenBatch:
         """Inverse of `padded`: [B, N, D] -> [T, D] (identity for dense and masked tokens)."""
         if not self.is_packed:
             return t
-        return t.reshape((self.batch_size * self.width,) + t.shape[2:]).index_select(0, self.flat_index)
+        flat = t.reshape((self.batch_size * self.width,) + t.shape[2:])
+        return flat if self.uniform else flat.index_select(0, self.flat_index)
 
     def cls_tokens(self) -> Tensor:
         """[B, C] the CLS token of every image."""
@@ -199,10 +204,11 @@ class TokenBatch:
 
     def _packed(self, x: Tensor, ids: Tensor, lengths: Tensor) -> "TokenBatch":
         """This batch with the packed tokens x [T, C] (lengths[b] of image b, one image after the other)."""
-        width = int(lengths.max()) if lengths.numel() else 0
+        shortest, width = torch.stack(torch.aminmax(lengths)).tolist() if lengths.numel() else (0, 0)
         slots = torch.arange(width, device=x.device)
         flat_index = (torch.arange(lengths.numel(), device=x.device)[:, None] * width + slots)[slots < lengths[:, None]]
-        return self.replace(x=x, ids=ids, keep=None, lengths=lengths, flat_index=flat_index, width=width)
+        return self.replace(x=x, ids=ids, keep=None, lengths=lengths, flat_index=flat_index, width=width,
+                            uniform=shortest == width)
 
     def counts_per_block(self) -> Tensor:
         """[B, depth, 2] live tokens at each block's attention and MLP."""

@@ -11,9 +11,12 @@ import logging
 import math
 import os
 import sys
+from typing import List, Optional
 
 import simplejson
 from iopath.common.file_io import g_pathmgr
+
+from vitadapt.errors import VitadaptError
 
 _FORMAT = "[%(asctime)s %(levelname)s %(name)s] %(message)s"
 _json_log_path = None
@@ -81,9 +84,35 @@ def log_json_stats(stats: dict) -> None:
             f.write(line + "\n")
 
 
-def read_json_stats(output_dir: str):
-    with g_pathmgr.open(os.path.join(output_dir, "json_stats.log")) as f:
-        return [simplejson.loads(line) for line in f if line.strip()]
+class JsonStatsError(VitadaptError, ValueError):
+    """A line of json_stats.log is not a JSON record (a run killed mid-write, an edited file); the message names
+    the file and the line."""
+
+
+def read_json_stats(output_dir: str) -> List[dict]:
+    """The records of OUTPUT_DIR/json_stats.log, in order; a line that is not a JSON object raises JsonStatsError."""
+    path = os.path.join(output_dir, "json_stats.log")
+    records = []
+    with g_pathmgr.open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = simplejson.loads(line)
+            except simplejson.JSONDecodeError as e:
+                raise JsonStatsError(f"{path}, line {number}: not a JSON record ({e.msg}, column {e.colno})") from None
+            if not isinstance(record, dict):
+                raise JsonStatsError(f"{path}, line {number}: not a JSON record (an object): {line.strip()[:40]}")
+            records.append(record)
+    return records
+
+
+def last_record(output_dir: str, record_type: str) -> Optional[dict]:
+    """The last record of `record_type` ("test_final", "val", ...) in OUTPUT_DIR/json_stats.log; None when there is
+    none or no log yet. Raises JsonStatsError on a line that is not a JSON record."""
+    if not g_pathmgr.isfile(os.path.join(output_dir, "json_stats.log")):
+        return None
+    return next((r for r in reversed(read_json_stats(output_dir)) if r.get("_type") == record_type), None)
 
 
 # Records of one training epoch; a resumed or restarted run writes them again for the epochs it repeats.

@@ -3,12 +3,14 @@ canvas, no pyplot state, no GUI).
 
 A run is an OUTPUT_DIR of tools/run_net.py: config.yaml, json_stats.log (the last `test_final` record is the run's
 result), for DVT the dvt_curves.json of its test job, and, when TEST.SAVE_RESULTS_PATH was set, its per-image
-results. Every figure function returns the Figure it saved, so that what was drawn can be read back.
+results. What a run can be drawn with follows its model's class (MODEL.NAME in the model registry): the per-image
+statistics it declares (`token_statistics`, as the test job reads them) and its exits. Every figure function
+returns the Figure it saved, so that what was drawn can be read back.
 """
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -19,14 +21,14 @@ from matplotlib.ticker import MaxNLocator, NullLocator
 from vitadapt.config import CfgNode, ConfigError, load_config
 from vitadapt.errors import VitadaptError
 from vitadapt.models import input_shape
+from vitadapt.models.build import MODEL_REGISTRY
+from vitadapt.utils.logging import JsonStatsError, last_record
 
 SIZE = (800, 560)  # pixels of a one-panel figure
 DPI = 100
-# MODEL.NAME prefix -> method, over the registered models; any other model runs every token: dense.
-METHODS = (("AdaViT", "AdaViT"), ("AViT", "A-ViT"), ("ATS", "ATS"), ("EViT", "EViT"), ("DVT", "DVT"))
-DENSE, REFERENCE = "dense", "reference"  # REFERENCE: the line of the reference runs
-# Methods whose kept-token count varies per image (EViT keeps the same count in every image: one bar).
-VARYING_TOKENS = ("ATS", "A-ViT", "AdaViT")
+# MODEL.NAME prefix -> the method's name on the figures' lines (labels only); any other model: its MODEL.NAME.
+METHOD_LABELS = (("AdaViT", "AdaViT"), ("AViT", "A-ViT"), ("ATS", "ATS"), ("EViT", "EViT"), ("DVT", "DVT"))
+REFERENCE = "reference"  # the line of the reference runs
 DVT_CURVES_JSON = "dvt_curves.json"  # written by vitadapt.engine.exits
 
 
@@ -34,8 +36,30 @@ class MissingStats(VitadaptError, ValueError):
     """A run lacks what a figure needs; the message names the run and the file or key."""
 
 
-def method_of(model_name: str) -> str:
-    return next((method for prefix, method in METHODS if model_name.startswith(prefix)), DENSE)
+def method_label(model_name: str) -> str:
+    return next((label for prefix, label in METHOD_LABELS if model_name.startswith(prefix)), model_name)
+
+
+def declared_statistics(model_name: str) -> Tuple[str, ...]:
+    """The per-image statistics the class of MODEL.NAME declares in `token_statistics` (vitadapt.engine.evaluate.
+    reports reads them from the model): "kept_tokens" where it changes which tokens exist, "token_depth" where
+    tokens halt."""
+    model_class = MODEL_REGISTRY.get(model_name)
+    statistics = getattr(model_class, "token_statistics", ())
+    if isinstance(statistics, property):  # forwarded from the frame backbone the model builds (XViT's methods)
+        statistics = model_class.frame_model.token_statistics
+    return tuple(statistics)
+
+
+def is_multi_exit(model_name: str) -> bool:
+    """Whether the class of MODEL.NAME is an early-exit cascade (DVT)."""
+    return getattr(MODEL_REGISTRY.get(model_name), "num_exits", 1) > 1
+
+
+def is_dense(model_name: str) -> bool:
+    """Whether the model runs every token of every image: it declares no per-image token statistic and has one
+    exit, so its runs are drawn as the reference."""
+    return not declared_statistics(model_name) and not is_multi_exit(model_name)
 
 
 @dataclass
@@ -45,12 +69,23 @@ class Run:
     path: str
     label: str
     cfg: CfgNode
-    records: List[dict] = field(repr=False)
     reference: bool = False  # drawn as the dense reference
 
     @property
     def method(self) -> str:
-        return method_of(self.cfg.MODEL.NAME)
+        """The label of its line."""
+        return method_label(self.cfg.MODEL.NAME)
+
+    @property
+    def statistics(self) -> Tuple[str, ...]:
+        """The per-image statistics its model declares (see declared_statistics)."""
+        return declared_statistics(self.cfg.MODEL.NAME)
+
+    @property
+    def has_curves(self) -> bool:
+        """Whether its test job computed DVT's budgeted / anytime curves: an early-exit model with DVT.CURVES (a run
+        that evaluates another's checkpoint at another budget point turns them off: they would be the same)."""
+        return is_multi_exit(self.cfg.MODEL.NAME) and self.cfg.DVT.CURVES
 
     @property
     def video(self) -> bool:
@@ -61,13 +96,17 @@ class Run:
         return f"run {self.label!r} ({self.path})"
 
     def stat(self, key: str):
-        """`key` of the last test_final record of json_stats.log."""
-        tests = [r for r in self.records if r.get("_type") == "test_final"]
-        if not tests:
+        """`key` of the last test_final record of json_stats.log (a log with a line that is not JSON: MissingStats
+        naming the line, so that the run alone is left out)."""
+        try:
+            test = last_record(self.path, "test_final")
+        except JsonStatsError as e:
+            raise MissingStats(f"{self.name}: {e}") from None
+        if test is None:
             raise MissingStats(f"{self.name}: json_stats.log has no test_final record (its test job has not run)")
-        value = tests[-1].get(key)
+        value = test.get(key)
         if value is None:
-            why = "non-finite" if key in tests[-1].get("nonfinite", {}) else "absent"
+            why = "non-finite" if key in test.get("nonfinite", {}) else "absent"
             raise MissingStats(f"{self.name}: {key} of its test_final record in json_stats.log is {why}")
         return value
 
@@ -84,7 +123,8 @@ class Run:
         """The budgeted / anytime curves of the test job of a DVT run (DVT.CURVES)."""
         path = os.path.join(self.path, DVT_CURVES_JSON)
         if not os.path.isfile(path):
-            raise MissingStats(f"{self.name}: no {DVT_CURVES_JSON} (its test job ran with DVT.CURVES False)")
+            raise MissingStats(f"{self.name}: no {DVT_CURVES_JSON} though DVT.CURVES is True (its test job has not "
+                               "run, or stopped before writing them)")
         with open(path) as f:
             return json.load(f)
 
@@ -113,28 +153,15 @@ class Run:
         return np.asarray(values, dtype=np.float64)
 
 
-def read_records(path: str) -> List[dict]:
-    records = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise MissingStats(f"{path}, line {number}: not a JSON record ({e.msg})") from None
-    return records
-
-
 def load_run(path: str, label: str = "", reference: bool = False) -> Run:
     """The run in `path`, labelled `label` (default: the folder's name); drawn as the reference when `reference`
-    or when its model reduces no token (MODEL.NAME of no method)."""
+    or when its model is dense (is_dense)."""
     for name in ("config.yaml", "json_stats.log"):
         if not os.path.isfile(os.path.join(path, name)):
             raise MissingStats(f"{path} is not a run of tools/run_net.py: it has no {name}")
     cfg = load_config(os.path.join(path, "config.yaml"))
     label = label or os.path.basename(os.path.normpath(path))
-    return Run(path, label, cfg, read_records(os.path.join(path, "json_stats.log")),
-               reference or method_of(cfg.MODEL.NAME) == DENSE)
+    return Run(path, label, cfg, reference or is_dense(cfg.MODEL.NAME))
 
 
 # ---------------------------------------------------------------------------------------------------- benchmarks
