@@ -42,6 +42,38 @@ def test_benchmark_compares_two_models_side_by_side(tmp_path):
         assert m["gmacs_fvcore_first_image"] == pytest.approx(m["gmacs_first_image"], rel=0.03)
     assert report["compare"]["gmacs_ratio"] == pytest.approx(first["gmacs_mean"] / second["gmacs_mean"])
     assert set(report["compare"]["speedup"]) == {"1", "4"}
+    for k, speedup in report["compare"]["speedup"].items():  # efficiency: speed-up over the GMACs reduction
+        rates = [m["results"][int(k == "4")]["images_per_s"] for m in (first, second)]
+        gmacs = [m["results"][int(k == "4")]["gmacs_mean"] for m in (first, second)]
+        assert speedup == pytest.approx(rates[1] / rates[0])
+        assert report["compare"]["efficiency"][k] == pytest.approx((rates[0] / rates[1]) / (gmacs[1] / gmacs[0]))
+
+
+def test_benchmark_times_training_steps(tmp_path):
+    """--train: each timed iteration is a training step (losses, backward, optimizer step); the per-batch costs are
+    the training forwards'."""
+    dense = write_config(tmp_path, "dense", "VisionTransformer")
+    ats = write_config(tmp_path, "ats", "ATSVisionTransformer")
+    out = tmp_path / "bench.json"
+    tool = load_tool("benchmark")
+    subjects = []
+    original = tool.Subject
+    tool.Subject = lambda *a, **k: subjects.append(original(*a, **k)) or subjects[-1]
+    try:
+        rc = tool.main(["--train", "--cfg", dense, "--compare", ats, "--init", "sharpened", "--out", str(out)] + TINY +
+                       ["BENCHMARK.BATCH_SIZES", "[2]", "BENCHMARK.NUM_REPEATS", "1", "BENCHMARK.ITERS_PER_REPEAT", "1",
+                        "BENCHMARK.WARMUP_ITERS", "1"])
+    finally:
+        tool.Subject = original
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["mode"] == "train"
+    for s in subjects:
+        assert s.train and s.model.training  # the last thing run was a training step
+        grads = [p.grad for p in s.model.parameters() if p.requires_grad]
+        assert grads and all(g is not None for g in grads[:3])  # the backward reached the weights
+    first, second = report["models"]
+    assert second["results"][0]["gmacs_mean"] < first["results"][0]["gmacs_mean"]  # ATS drops tokens in training
 
 
 def test_benchmark_reports_config_errors(tmp_path, capsys):

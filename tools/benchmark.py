@@ -31,13 +31,14 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # above ERROR (4) and USDT (5): 
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from vitadapt.config import ConfigError, check_paths, load_config  # noqa: E402
 from vitadapt.datasets import build_dataset  # noqa: E402
 from vitadapt.errors import VitadaptError  # noqa: E402
 from vitadapt.engine.exits import calibrate_on_inputs  # noqa: E402
 from vitadapt.engine.output_dir import ensure_writable_file  # noqa: E402
-from vitadapt.engine.trainer import amp_dtype, select_device  # noqa: E402
+from vitadapt.engine.trainer import amp_dtype, select_device, training_loss  # noqa: E402
 from vitadapt.models import build_model, input_shape  # noqa: E402
 from vitadapt.models.flops import fvcore_macs  # noqa: E402
 from vitadapt.models.synthetic import add_halting_drift_, calibrate_decisions_, sharpen_  # noqa: E402
@@ -51,6 +52,10 @@ def parse(argv=None):
     parser.add_argument("--compare", default="", help="a second config, measured side by side")
     parser.add_argument("--data", action="store_true", help="use images of the config's TEST.SPLIT, not noise")
     parser.add_argument("--out", default="", help="JSON output (default: OUTPUT_DIR of --cfg / benchmark.json)")
+    parser.add_argument("--train", action="store_true",
+                        help="time training steps (forward in training mode, the task and method losses, backward, "
+                             "an optimizer step with learning rate 0 so that every step sees the same weights) "
+                             "instead of inference forwards")
     parser.add_argument("--plot", default="", help="PNG figure of throughput vs batch size, one line per config")
     parser.add_argument("--init", choices=("default", "sharpened", "halting"), default="default",
                         help="weights when no TEST.CHECKPOINT_FILE_PATH is set: the model's own init, or synthetic "
@@ -110,7 +115,7 @@ def make_inputs(cfg, batch: int, use_data: bool) -> torch.Tensor:
 class Subject:
     """One model under test, with its inputs per batch size."""
 
-    def __init__(self, cfg_file: str, opts, use_data: bool, init: str, batch_sizes=None):
+    def __init__(self, cfg_file: str, opts, use_data: bool, init: str, batch_sizes=None, train: bool = False):
         self.name = cfg_file
         self.cfg = load_config(cfg_file, opts)
         self.device = select_device(self.cfg)
@@ -134,11 +139,30 @@ class Subject:
                                                self.cfg.TEST.CHECKPOINT_FILE_PATH)
                            if getattr(self.model, "num_exits", 1) > 1 else None)
         self.results = {}
+        self.train = train
+        if train:
+            self.labels = {b: torch.arange(b, device=self.device) % self.cfg.MODEL.NUM_CLASSES for b in batch_sizes}
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0)
+
+    def forward(self, batch: int):
+        """One inference forward, or with --train one training step."""
+        return self.train_step(batch) if self.train else self.infer(batch)
 
     @torch.inference_mode()
-    def forward(self, batch: int):
+    def infer(self, batch: int):
+        self.model.eval()
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             return self.model(self.inputs[batch])
+
+    def train_step(self, batch: int):
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+            logits = self.model(self.inputs[batch])
+            loss, _, _ = training_loss(self.model, logits, self.labels[batch], F.cross_entropy)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return logits.detach()
 
     def sync(self):
         if self.device.type == "cuda":
@@ -164,8 +188,9 @@ class Subject:
 
     @torch.inference_mode()
     def gmacs(self):
+        """Inference costs (also with --train: the training forwards' own costs are in the per-batch results)."""
         largest = max(self.inputs)
-        self.forward(largest)
+        self.infer(largest)
         per_image = self.model.macs_per_image() / 1e9
         exits = {}
         if self.thresholds is not None:  # where the images of the largest batch left
@@ -195,14 +220,15 @@ def run(argv=None) -> dict:
         raise ConfigError(f"cannot overwrite {out}: the file is read-only")
     if args.plot:
         ensure_writable_file(args.plot, f"--plot {args.plot}")
-    subjects = [Subject(args.cfg, opts, args.data, args.init)]
+    subjects = [Subject(args.cfg, opts, args.data, args.init, train=args.train)]
     if args.compare:
         # Measured on the first config's BENCHMARK settings, so that both see the same work.
-        subjects.append(Subject(args.compare, opts, args.data, args.init, subjects[0].cfg.BENCHMARK.BATCH_SIZES))
+        subjects.append(Subject(args.compare, opts, args.data, args.init, subjects[0].cfg.BENCHMARK.BATCH_SIZES,
+                                train=args.train))
     bench = subjects[0].cfg.BENCHMARK
     if bench.NUM_THREADS > 0:
         torch.set_num_threads(bench.NUM_THREADS)
-    report = {"device": str(subjects[0].device), "init": args.init, "threads": torch.get_num_threads(), "torch": torch.__version__,
+    report = {"device": str(subjects[0].device), "init": args.init, "mode": "train" if args.train else "inference", "threads": torch.get_num_threads(), "torch": torch.__version__,
               "cpu": platform.processor() or platform.machine(), "warmup_iters": bench.WARMUP_ITERS,
               "repeats": bench.NUM_REPEATS, "iters_per_repeat": bench.ITERS_PER_REPEAT, "models": []}
     for s in subjects:
@@ -233,6 +259,9 @@ def run(argv=None) -> dict:
                                                        for k in bench.BATCH_SIZES},
                              "speedup": {str(k): b.results[k]["images_per_s"] / a.results[k]["images_per_s"]
                                          for k in bench.BATCH_SIZES}}
+        # The first's speed-up over the second divided by its GMACs reduction (1.0: the whole saving is speed).
+        report["compare"]["efficiency"] = {k: report["compare"]["gmacs_ratio_per_batch"][k] / v
+                                           for k, v in report["compare"]["speedup"].items()}
     print_table(report)
     try:
         with open(out, "w") as f:
@@ -247,7 +276,8 @@ def run(argv=None) -> dict:
 
 
 def print_table(report: dict) -> None:
-    print(f"device {report['device']}, {report['threads']} threads, torch {report['torch']}, "
+    print(f"{'training steps' if report.get('mode') == 'train' else 'inference'}: "
+          f"device {report['device']}, {report['threads']} threads, torch {report['torch']}, "
           f"median of {report['repeats']} x {report['iters_per_repeat']} iterations after {report['warmup_iters']} warm-up")
     width = max(len("config"), *(len(m["cfg"]) for m in report["models"]))  # full names: two may share a tail
     rate = "clips/s" if report["models"][0].get("input") == "clip" else "img/s"
@@ -264,9 +294,10 @@ def print_table(report: dict) -> None:
                   f"{' / '.join(f'{g:.3f}' for g in m['exit_gmacs'])}")
     if "compare" in report:
         c = report["compare"]
-        speed = ", ".join(f"batch {k}: {v:.2f}x ({v / c['gmacs_ratio_per_batch'][k]:.2f} of the GMACs ratio "
-                          f"{c['gmacs_ratio_per_batch'][k]:.2f}x)" for k, v in c["speedup"].items())
-        print(f"throughput, second / first: {speed}")
+        # The first config against the second: how much of its GMACs reduction turns into speed (1.0: all of it).
+        speed = ", ".join(f"batch {k}: {1 / v:.2f}x the speed for {1 / c['gmacs_ratio_per_batch'][k]:.2f}x fewer "
+                          f"GMACs, efficiency {c['efficiency'][k]:.2f}" for k, v in c["speedup"].items())
+        print(f"first vs second config: {speed}")
 
 
 def main(argv=None) -> int:

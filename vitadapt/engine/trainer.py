@@ -69,6 +69,20 @@ class ModelSchedule(Hook):
         cu.unwrap(trainer.model).set_progress(int(epoch), round(epoch * iters), iters)
 
 
+def training_loss(model, logits: torch.Tensor, targets: torch.Tensor, loss_fn):
+    """(loss, task losses by exit, the method's own losses by name) of one training forward: the task loss (DVT:
+    the unweighted sum over its exits) plus the method's auxiliary losses (A-ViT ponder and prior, AdaViT usage)."""
+    inner = cu.unwrap(model)
+    if getattr(inner, "num_exits", 1) > 1:  # every exit learns the task
+        task = {f"exit{k + 1}": loss_fn(exit_logits.float(), targets)
+                for k, exit_logits in enumerate(inner.last_exit_logits)}
+        loss = sum(task.values())
+    else:
+        task, loss = {}, loss_fn(logits.float(), targets)
+    aux = {k: v.float() for k, v in inner.auxiliary_losses().items()} if hasattr(inner, "auxiliary_losses") else {}
+    return (loss + sum(aux.values()) if aux else loss), task, aux
+
+
 def select_device(cfg) -> torch.device:
     if cfg.NUM_GPUS == 0:
         return torch.device("cpu")
@@ -298,8 +312,6 @@ class Trainer:
         model.train()
         iters = len(self.train_loader)
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # n, loss*n, top1 correct, skipped
-        has_aux = hasattr(cu.unwrap(model), "auxiliary_losses")
-        multi_exit = getattr(cu.unwrap(model), "num_exits", 1) > 1
         halting = reports(model, "token_depth")
         aux_sums: dict = {}  # name -> loss*n over the epoch; "token_depth" -> mean blocks per token * n
         start = tick = time.perf_counter()
@@ -321,15 +333,7 @@ class Trainer:
                 inputs, targets = self.mixup(inputs, labels)
             with torch.autocast(device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 logits = model(inputs)
-                if multi_exit:  # every exit learns the task (DVT: the unweighted sum of the exits' losses)
-                    task = {f"exit{k + 1}": self.loss_fn(exit_logits.float(), targets)
-                            for k, exit_logits in enumerate(cu.unwrap(model).last_exit_logits)}
-                    loss = sum(task.values())
-                else:
-                    task, loss = {}, self.loss_fn(logits.float(), targets)
-                # A method's own training losses (A-ViT ponder and prior, ...), by name, from this forward.
-                aux = {k: v.float() for k, v in cu.unwrap(model).auxiliary_losses().items()} if has_aux else {}
-                loss = loss + sum(aux.values()) if aux else loss
+                loss, task, aux = training_loss(model, logits, targets, self.loss_fn)
             if not self.on_all_ranks(bool(torch.isfinite(loss))):
                 raise TrainingDiverged(
                     f"loss is {loss.item()} (on at least one process) at epoch {epoch + 1}, iteration {it + 1}; "
