@@ -28,7 +28,6 @@ checked nothing is not a success.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -38,6 +37,7 @@ sys.path.insert(0, REPO)
 
 from vitadapt import zoo  # noqa: E402
 from vitadapt.errors import VitadaptError  # noqa: E402
+from vitadapt.utils.logging import read_json_stats  # noqa: E402
 
 MANIFEST = os.path.join(REPO, "configs", "model_zoo.yaml")
 DOC = os.path.join(REPO, "MODEL_ZOO.md")
@@ -118,20 +118,13 @@ def evaluate(row, args, opts, digests) -> dict:
         "TRAIN.ENABLE", False, "TEST.ENABLE", True, "TEST.CHECKPOINT_FILE_PATH", path,
         "DATA.PATH_TO_DATA_DIR", getattr(args, row.dataset), "OUTPUT_DIR", run_dir], check_files=True)
     log = os.path.join(run_dir, "json_stats.log")
-    before = _read_lines(log)
+    before = len(read_json_stats(run_dir)) if os.path.isfile(log) else 0
     launch_job(cfg, test)
     # Read from the run's log rather than returned: spawned processes (NUM_GPUS / NUM_PROCS > 1) return nothing.
-    final = [r for r in map(json.loads, _read_lines(log)[len(before):]) if r.get("_type") == "test_final"]
+    final = [r for r in read_json_stats(run_dir)[before:] if r.get("_type") == "test_final"]
     if not final:
         raise VitadaptError(f"row {row.name}: the test job wrote no test_final record to {log}")
     return final[-1]
-
-
-def _read_lines(path: str) -> list:
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [line for line in f.read().splitlines() if line.strip()]
 
 
 def shown(path: str) -> str:

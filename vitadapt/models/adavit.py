@@ -145,11 +145,16 @@ class AdaViTVisionTransformer(VisionTransformer):
         logit(threshold)), about 0.12 for tokens: fine-tuning a trained backbone then starts from (nearly) all of
         them, and the usage losses take them away gradually."""
         logit = lambda q: math.log(q / (1 - q))  # noqa: E731
+        for kind, head in self.decision_heads():
+            nn.init.constant_(head.mlp_head.bias, logit(p) + self.tau * logit(self.thresholds[kind]))
+
+    def decision_heads(self):
+        """(kind, DecisionHead) of every block, kind "heads", "layer" or "tokens" (the keys of `thresholds`)."""
         for block in self.blocks:
-            for head, kind in ((block.head_select, "heads"), (block.layer_select, "layer"),
-                               (block.attn.token_select, "tokens")):
+            for kind, head in (("heads", block.head_select), ("layer", block.layer_select),
+                               ("tokens", block.attn.token_select)):
                 if head is not None:
-                    nn.init.constant_(head.mlp_head.bias, logit(p) + self.tau * logit(self.thresholds[kind]))
+                    yield kind, head
 
     @classmethod
     def from_config(cls, cfg) -> "AdaViTVisionTransformer":

@@ -65,9 +65,8 @@ def calibrate_decisions_(model: nn.Module, images: torch.Tensor, usage=0.75, spr
     and a bias under which the share `usage` of them (a number, or {"tokens", "heads", "layer": share}) pass the
     decision threshold. Needs 2 images or more. A model without decision heads is left as it is; a video model's
     (AdaViT on XViT) are those of its per-frame backbone, calibrated through the video model's forward."""
-    # The module that holds the decision heads: the model, or its backbone ({kind: threshold} with blocks).
-    deciding = next((m for m in model.modules() if isinstance(getattr(m, "thresholds", None), dict)
-                     and hasattr(m, "blocks")), None)
+    # The module that holds the decision heads: the model, or its per-frame backbone.
+    deciding = next((m for m in model.modules() if hasattr(m, "decision_heads")), None)
     if deciding is None:
         return model
     shares = usage if isinstance(usage, dict) else {kind: usage for kind in deciding.thresholds}
@@ -84,9 +83,7 @@ def calibrate_decisions_(model: nn.Module, images: torch.Tensor, usage=0.75, spr
             module.bias.copy_(threshold[kind] - cut + 1e-4)  # just above the cut: no decision sits on a threshold
         return hook
 
-    handles = [head.mlp_head.register_forward_pre_hook(calibrate(kind)) for block in deciding.blocks
-               for kind, head in (("layer", block.layer_select), ("heads", block.head_select),
-                                  ("tokens", block.attn.token_select)) if head is not None]
+    handles = [head.mlp_head.register_forward_pre_hook(calibrate(kind)) for kind, head in deciding.decision_heads()]
     was_training = model.training
     try:
         model.eval()(images)
