@@ -446,7 +446,7 @@ def test_macs_hand_count():
     plan = {0: {"tokens": 1}, 1: {"heads": [1, -1, 1], "layer": [1, -1], "tokens": -1},
             2: {"heads": [-1, -1, -1], "layer": [-1, 1], "tokens": 1}}
     C, N, hid = 48, 17, 192
-    token_select = (N - 1) * C  # Linear(C, 1) on every patch token
+    token_select = N * C  # Linear(C, 1) on every token (CLS's decision is then replaced by 1)
     head_layer_select = C * 3 + C * 2  # Linear(C, H) and Linear(C, 2) on CLS
     block0 = token_select + (3 * N * C * C + 2 * N * N * C + N * C * C) + (N * C * hid + N * hid * C)
     w, t = 32, 1
@@ -492,7 +492,7 @@ def test_macs_follow_each_images_decisions(crafted):
         a, m = (blk["layer"][:, 0], blk["layer"][:, 1]) if blk["layer"] is not None else (torch.ones(6), torch.ones(6))
         t = blk["token"].sum(-1) if blk["token"] is not None else torch.full((6,), float(N))
         w = heads * (C // H_)
-        decide = (N - 1) * C + (C * H_ + C * 2 if blk["head"] is not None else 0)
+        decide = N * C + (C * H_ + C * 2 if blk["head"] is not None else 0)
         attention = 3 * t * C * w + 2 * t * t * w + t * C * C
         mlp = 2 * t * C * hid
         expected += (decide + a * attention + m * mlp).double()
@@ -783,6 +783,40 @@ def test_packed_equals_masked_under_autocast():
     assert torch.isfinite(outputs["packed"]).all()
     # bf16 rounding differs between the two computations; the decisions may not (bf16 tolerance on the logits).
     assert _max_diff(outputs["packed"], outputs["masked"]) < 0.1
+
+
+def test_packed_follows_weight_changes():
+    """Packed execution keeps a head-major copy of every qkv weight between forwards; a checkpoint load or an
+    optimizer step (in-place updates) must reach it: packed stays equal to masked after each."""
+    from vitadapt.models.adavit import AdaViTVisionTransformer
+    from vitadapt.models.synthetic import calibrate_decisions_
+
+    torch.manual_seed(0)
+    kwargs = dict(img_size=64, patch_size=16, num_classes=10, embed_dim=48, depth=4, num_heads=3)
+    model = AdaViTVisionTransformer(**kwargs).eval()
+    images = _images(6, 64)
+    calibrate_decisions_(model, images, usage=0.7)
+
+    def packed_and_masked():
+        outputs = []
+        for execution in ("packed", "masked"):
+            model.token_execution = execution
+            with torch.no_grad():
+                outputs.append(model(images))
+        return outputs
+
+    first, _ = packed_and_masked()
+    other = AdaViTVisionTransformer(**kwargs)
+    calibrate_decisions_(other, images, usage=0.7)
+    model.load_state_dict(other.state_dict())  # copies in place into the same parameters
+    packed, masked = packed_and_masked()
+    assert _max_diff(packed, masked) <= OUT_ATOL and _max_diff(packed, first) > 1e-3
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.qkv.weight.mul_(1.5)  # what an optimizer step does to the weights
+            block.attn.qkv.bias.add_(0.1)
+    after_step, masked = packed_and_masked()
+    assert _max_diff(after_step, masked) <= OUT_ATOL and _max_diff(after_step, packed) > 1e-3
 
 
 def test_fine_tuning_fills_decision_heads_only_for_a_file_without_any(tmp_path):

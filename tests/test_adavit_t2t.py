@@ -280,7 +280,7 @@ def test_all_decisions_on_is_the_plain_t2t_vit(execution):
     assert max_diff(ada, ref) <= 1e-5
     # Same cost too: the plain model's MACs plus the decision heads'.
     c, n, depth = 24, 10, 4
-    heads = (depth - 1) * (c * 3 + c * 2) + depth * (n - 1) * c
+    heads = (depth - 1) * (c * 3 + c * 2) + depth * n * c  # token_select reads every token
     assert torch.equal(model.macs_per_image(), plain.macs_per_image().to(torch.float64) + heads)
 
 

@@ -322,16 +322,20 @@ def test_each_clip_alone_equals_batched(kind, execution):
 
 # ============================================================================================ 6. MACs
 def clip_macs_reference(model, kind, batch):
-    """MACs per clip written from the token counts: patch embedding, blocks, (temporal) head."""
+    """MACs per clip written from the token counts: patch embedding, blocks with the CLS attention row of every
+    ATS block (N x C), (temporal) head."""
     c, hidden = DIM, 4 * DIM
     patch = 3 * PATCH * PATCH * c  # per patch token
+    ats_blocks = list(getattr(model.base_model if kind == "xvit" else model, "ats_blocks", []))
     if kind == "xvit":
         counts = model.base_model.last_token_counts  # [B * T, depth, 2] per frame
         frames = (counts[:, 0, 0] - 1).double() * patch + block_macs(counts[..., 0], counts[..., 1], c, hidden).sum(1)
+        frames = frames + counts[:, ats_blocks, 0].double().sum(1) * c
         head = block_macs(torch.tensor(T + 1.0), torch.tensor(T + 1.0), c, 4 * c) + c * DIM + DIM * CLASSES
         return frames.reshape(batch, T).sum(dim=1) + head
     counts = model.last_sequence_token_counts
     seq = (counts[:, 0, 0] - 1).double() * patch + block_macs(counts[..., 0], counts[..., 1], c, hidden).sum(1)
+    seq = seq + counts[:, ats_blocks, 0].double().sum(1) * c
     if kind == "space_only":
         seq = seq.reshape(batch, T).sum(dim=1)
     return seq + c * CLASSES
@@ -364,14 +368,17 @@ def test_macs_per_clip(kind, monkeypatch):
         assert torch.equal(counts, per_frame.reshape(b, T, DEPTH, 2).sum(dim=1))
         assert int(counts[0, 0, 0]) == T * (1 + N)
 
-    # Nothing drops: ATS.BLOCKS [] and a keep-everything sampler both cost exactly the dense model.
+    # Nothing drops: ATS.BLOCKS [] costs exactly the dense model; a keep-everything sampler costs the dense model
+    # plus the CLS attention rows it still computes.
     empty = build(kind, blocks=())
     empty.load_state_dict(ats.state_dict(), strict=True)
     empty(video)
     torch.testing.assert_close(empty.macs_per_image(), m_dense, atol=0, rtol=0)
     monkeypatch.setattr(AdaptiveTokenSampler, "sample", keep_all_reordered([]))
     ats(video)
-    torch.testing.assert_close(ats.macs_per_image(), m_dense, atol=0, rtol=0)
+    rows = clip_macs_reference(ats, kind, b) - m_dense
+    assert (rows > 0).all()
+    torch.testing.assert_close(ats.macs_per_image(), m_dense + rows, atol=0, rtol=0)
     torch.testing.assert_close(ats.last_token_counts, dense.last_token_counts, atol=0, rtol=0)
 
 

@@ -80,6 +80,25 @@ def gumbel_sigmoid(logits: Tensor, threshold: float, tau: float, training: bool,
     return hard - soft.detach() + soft
 
 
+def head_major_qkv(qkv: nn.Linear, heads: int) -> Tuple[Tensor, list]:
+    """qkv's weight as [heads, 3 * dh, C] (each head's q, k, v rows contiguous, for one product per head) and its
+    bias per head (None without one). The copy is kept until the weights change (their version counter moves with
+    every in-place update: an optimizer step, a checkpoint load), so that inference copies them once, not per
+    forward (at batch 1 the copy cost as much as a tenth of the block)."""
+    versions = (heads, qkv.weight._version, None if qkv.bias is None else qkv.bias._version)
+    cached = getattr(qkv, "_head_major", None)
+    if cached is None or cached[0] is not qkv.weight or cached[1] != versions:
+        out, c = qkv.weight.shape
+        dh = out // (3 * heads)
+        with torch.no_grad():
+            weight = qkv.weight.view(3, heads, dh, c).transpose(0, 1).reshape(heads, 3 * dh, c)
+            bias = [None] * heads if qkv.bias is None else \
+                list(qkv.bias.view(3, heads, dh).transpose(0, 1).reshape(heads, 3 * dh).unbind(0))
+        cached = (qkv.weight, versions, weight, bias)
+        qkv._head_major = cached
+    return cached[2], cached[3]
+
+
 @dataclass
 class Decisions:
     """One block's decisions for a batch; None where the block has no such decision (everything runs)."""
@@ -316,10 +335,7 @@ class AdaViTVisionTransformer(VisionTransformer):
         # one attention call over every kept (image, head) pair, each padded to the longest.
         image_of_row = torch.repeat_interleave(torch.arange(lengths.numel(), device=h.device), lengths)
         kept = (heads_kept > 0.5) & (lengths > 0)[:, None]  # [B, H]
-        # One [heads, 3 * dh, C] copy of the weights per call, so that each head's rows are contiguous.
-        weight = attn.qkv.weight.view(3, heads, dh, c).transpose(0, 1).reshape(heads, 3 * dh, c)
-        bias = attn.qkv.bias.view(3, heads, dh).transpose(0, 1).reshape(heads, 3 * dh) if attn.qkv.bias is not None \
-            else [None] * heads
+        weight, bias = head_major_qkv(attn.qkv, heads)
         # The rows of every head, head-major (images and tokens in order), gathered from h in one go; each head's
         # q, k, v are written into its slice of one buffer.
         head_of, row_of = torch.nonzero(kept[image_of_row].t(), as_tuple=True)
@@ -434,8 +450,8 @@ class AdaViTVisionTransformer(VisionTransformer):
             w = h * (c // heads)  # channels of the kept heads
             decide = sum(head.mlp_head.in_features * head.mlp_head.out_features
                          for head in (block.head_select, block.layer_select) if head is not None)
-            if block.attn.token_select is not None:
-                decide += (n - 1) * c
+            if block.attn.token_select is not None:  # it reads every token; CLS's decision is then replaced
+                decide += n * c
             if self.head_attn or block.attn.kv_mixing is not None:  # every head runs (see _packed_attention)
                 attn = 4 * t * c * c + 2 * t * t * c
             else:  # q, k, v and attention of the kept heads; proj over all channels (the dropped ones are 0)

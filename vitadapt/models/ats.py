@@ -48,7 +48,7 @@ class AdaptiveTokenSampler(TokenAdapter):
         self.budget = budget
         self.score_padding = score_padding
         self.last_num_kept: Optional[Tensor] = None  # [B], CLS included
-        self.last_kept_ids: Optional[Tensor] = None  # [B, K] original ids, official order, -1 = none
+        self._last_selection = None  # (ids, index, valid) of the last forward, read by last_kept_ids
 
     def num_samples(self, n_live: Tensor, num_initial: int) -> Tensor:
         """[B] number M of inverse-transform samples for images with n_live tokens (CLS included)."""
@@ -62,56 +62,90 @@ class AdaptiveTokenSampler(TokenAdapter):
 
     def after_attention(self, tokens: TokenBatch, cls_attention: Tensor, values: Tensor) -> TokenBatch:
         index, valid = self.sample(tokens, cls_attention, values)
-        self.last_num_kept = valid.sum(dim=1)
-        ids = tokens.padded(tokens.ids).gather(1, index)
-        self.last_kept_ids = ids.masked_fill(~valid, -1)
-        return tokens.select(index, valid)
+        kept = tokens.select(index, valid)
+        self.last_num_kept = kept.num_live()
+        self._last_selection = (tokens.padded(tokens.ids), index, valid)
+        return kept
+
+    @property
+    def last_kept_ids(self) -> Optional[Tensor]:
+        """[B, K] original ids of the tokens the last forward kept, official order, -1 = none (computed when asked
+        for: the forward itself does not need it)."""
+        if self._last_selection is None:
+            return None
+        ids, index, valid = self._last_selection
+        rank = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)[:, :int(valid.sum(dim=1).max())]
+        return ids.gather(1, index.gather(1, rank)).masked_fill(~valid.gather(1, rank), -1)
 
     @torch.no_grad()
     def sample(self, tokens: TokenBatch, cls_attention: Tensor, values: Tensor):
-        """(index [B, K], valid [B, K]): padded positions of the kept tokens, CLS first, ascending significance."""
-        live = tokens.live_mask()[:, 1:]  # [B, N-1] patch slots holding a live token
-        b, n1 = live.shape
-        v_norm = values.transpose(1, 2).reshape(b, n1 + 1, -1).float().norm(dim=-1)
+        """(index [B, N], valid [B, N]): every padded position in the official order, CLS first, then the patch
+        slots by ascending significance, and which of them are kept.
+
+        Written for few operators (at batch 1 their fixed cost is what a selection costs): where every slot holds
+        a live token (dense tokens, packed images of equal lengths) the masking of dead slots is skipped, and
+        without a budget the number of samples is the same for every image."""
+        b, n = cls_attention.shape[0], cls_attention.shape[-1]
+        live = None if tokens.all_live else tokens.live_mask()[:, 1:]  # [B, N-1] patch slots holding a live token
+        v_norm = values.transpose(1, 2).reshape(b, n, -1).float().norm(dim=-1)
         scores = (cls_attention.float().sum(dim=1) * v_norm)[:, 1:]
-        scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0) * live
-        total = scores.sum(dim=1, keepdim=True)
-        scores = scores / total.clamp(min=torch.finfo(scores.dtype).tiny)
+        scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0)
+        if live is not None:
+            scores = scores * live
+        scores = scores / scores.sum(dim=1, keepdim=True).clamp(min=torch.finfo(scores.dtype).tiny)
 
-        # Dead slots sort first (key -1) and are never picked (their CDF is +inf below).
-        sorted_scores, order = torch.sort(torch.where(live, scores, -1.0), dim=1)
-        sorted_live = sorted_scores >= 0
-        cdf = torch.cumsum(sorted_scores.clamp(min=0), dim=1)
-        n_dead = n1 - live.sum(dim=1)
-        first_live = cdf.gather(1, n_dead.clamp(max=n1 - 1)[:, None])
+        if live is None:
+            sorted_scores, order = torch.sort(scores, dim=1)
+            cdf = torch.cumsum(sorted_scores, dim=1)
+            first_live = cdf[:, :1]
+        else:  # dead slots sort first (key -1) and are never picked (their CDF is -inf below)
+            sorted_scores, order = torch.sort(torch.where(live, scores, -1.0), dim=1)
+            sorted_live = sorted_scores >= 0
+            cdf = torch.cumsum(sorted_scores.clamp(min=0), dim=1)
+            n_live = live.sum(dim=1)
+            first_live = cdf.gather(1, (n - 1 - n_live).clamp(max=n - 2)[:, None])
         # The official CDF minimum is 0 when zero-score (padding / dropped) slots precede this image's tokens.
-        zero_slots = self.zero_score_slots(tokens)
-        cdf_min = torch.where(zero_slots[:, None] > 0, torch.zeros_like(first_live), first_live)
-        cdf_max = cdf[:, -1:]
-        spread = cdf_max - cdf_min
+        cdf_min = first_live if self.score_padding == "none" else \
+            torch.where(self.zero_score_slots(tokens)[:, None] > 0, 0.0, first_live)
+        spread = cdf[:, -1:] - cdf_min
         ncdf = (cdf - cdf_min) / spread.clamp(min=torch.finfo(cdf.dtype).tiny)
-        ys_start = torch.where(sorted_live & (ncdf != 0), ncdf, torch.inf).min(dim=1, keepdim=True).values
-        degenerate = (spread[:, 0] <= 0) | ~torch.isfinite(ys_start[:, 0]) | (live.sum(dim=1) < 2)
-        ys_start = torch.where(degenerate[:, None], torch.ones_like(ys_start), ys_start)
+        nonzero = ncdf != 0 if live is None else sorted_live & (ncdf != 0)
+        ys_start = torch.where(nonzero, ncdf, torch.inf).min(dim=1, keepdim=True).values
+        # No spread (all scores zero, or one patch token) leaves every ncdf at 0: no finite start. Such an image
+        # keeps all its tokens at this stage.
+        degenerate = torch.isinf(ys_start)  # ncdf is finite: the scores were made so
+        if live is not None:
+            degenerate = degenerate | (n_live[:, None] < 2)
+        elif n < 3:
+            degenerate = torch.ones_like(degenerate)
+        ys_start = torch.where(degenerate, 1.0, ys_start)
 
-        m = self.num_samples(tokens.num_live(), tokens.num_initial)  # [B]
-        k = torch.arange(int(m.max()), device=cdf.device, dtype=cdf.dtype)[None, :].expand(b, -1)
-        last = (m - 1).clamp(min=1).to(cdf.dtype)[:, None]
-        k = torch.minimum(k, (m - 1).to(cdf.dtype)[:, None])  # images with fewer samples repeat their last y
+        picks = nearest_first(ncdf if live is None else torch.where(sorted_live, ncdf, -torch.inf),
+                              self.sample_points(tokens, ys_start))
+        picked = torch.zeros_like(order, dtype=torch.bool).scatter_(1, picks, 1) | degenerate
+        if live is not None:
+            picked = picked & sorted_live
+        index = torch.cat([order.new_zeros(b, 1), order + 1], dim=1)
+        valid = torch.cat([picked.new_ones(b, 1), picked], dim=1)
+        return index, valid
+
+    def sample_points(self, tokens: TokenBatch, ys_start: Tensor) -> Tensor:
+        """[B, M] the M evenly spaced values on [ys_start, 1] (M per image from num_samples; an image with fewer
+        samples than the batch's most repeats its last value)."""
+        if self.budget > 0:
+            m = self.num_samples(tokens.num_live(), tokens.num_initial)[:, None]  # [B, 1]
+            k = torch.arange(int(m.max()), device=ys_start.device, dtype=ys_start.dtype)[None, :]
+            k = torch.minimum(k, (m - 1).to(ys_start.dtype))
+            last = (m - 1).clamp(min=1).to(ys_start.dtype)
+        else:  # the official M = N0 - 1, the same for every image (a Python number divides exactly as a tensor)
+            m = tokens.num_initial - 1
+            k = torch.arange(m, device=ys_start.device, dtype=ys_start.dtype)
+            last = max(m - 1, 1)
         # The official arithmetic, kept as written so that nearest-CDF ties resolve identically.
         ys = (k / last * last - ys_start * k) / last + ys_start
-        ys = torch.where((m == 1)[:, None], torch.ones_like(ys), ys)
-        picks = nearest_first(torch.where(sorted_live, ncdf, -torch.inf), ys)
-        picked = torch.zeros_like(live).scatter(1, picks, torch.ones_like(picks, dtype=torch.bool)) & sorted_live
-        picked = torch.where(degenerate[:, None], sorted_live, picked)
-
-        # Picked sorted positions, in ascending significance, first; then map back to padded slots (+1: CLS).
-        rank = torch.argsort((~picked).to(torch.uint8), dim=1, stable=True)
-        count = int(picked.sum(dim=1).max())
-        rank = rank[:, :count]
-        index = torch.cat([torch.zeros_like(rank[:, :1]), order.gather(1, rank) + 1], dim=1)
-        valid = torch.cat([torch.ones_like(picked[:, :1]), picked.gather(1, rank)], dim=1)
-        return index, valid
+        if isinstance(m, int):
+            return ys if m > 1 else torch.ones_like(ys)
+        return torch.where(m == 1, 1.0, ys)
 
     def zero_score_slots(self, tokens: TokenBatch) -> Tensor:
         """[B] zero-score slots the official layout puts before this image's tokens (see the module doc)."""

@@ -9,13 +9,12 @@ MODEL_REGISTRY.__doc__ = "Models, keyed by class name; each has a `from_config(c
 
 def build_model(cfg) -> nn.Module:
     """The model named by MODEL.NAME, on the CPU, in train mode. Device placement and DDP are the engine's."""
-    model = MODEL_REGISTRY.get(cfg.MODEL.NAME).from_config(cfg)
-    if not cfg.VIT.FUSED_ATTENTION:
-        from .vit import Attention
+    from .vit import Attention
 
-        for module in model.modules():
-            if isinstance(module, Attention):
-                module.fused = False
+    model = MODEL_REGISTRY.get(cfg.MODEL.NAME).from_config(cfg)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.fused, module.varlen = cfg.VIT.FUSED_ATTENTION, cfg.VIT.VARLEN_ATTENTION
     return model
 
 

@@ -31,8 +31,6 @@ FUSED_ID = -2
 
 
 class EViTReorganize(TokenAdapter):
-    needs_cls_attention = True
-
     def __init__(self, keep_rate: float, fuse_token: bool):
         super().__init__()
         self.keep_rate = keep_rate
@@ -41,10 +39,20 @@ class EViTReorganize(TokenAdapter):
         self.last_index: Optional[Tensor] = None  # [B, k] top-k positions in the incoming non-CLS sequence
         self.last_fused: Optional[Tensor] = None  # [B, 1, C]
 
+    @property
+    def rate(self) -> float:
+        return self.keep_rate if self.runtime_keep_rate is None else self.runtime_keep_rate
+
+    @property
+    def needs_cls_attention(self) -> bool:
+        """Only a block that may drop tokens reads the CLS attention row: at keep rate 1 (the official warm-up's
+        first epochs too) the block is the dense one, in what it computes and in what it costs."""
+        return self.keep_rate < 1 and self.rate < 1
+
     def after_attention(self, tokens: TokenBatch, cls_attention: Tensor, values: Tensor) -> TokenBatch:
         self.last_index = self.last_fused = None
-        rate = self.keep_rate if self.runtime_keep_rate is None else self.runtime_keep_rate
-        if not (self.keep_rate < 1 and rate < 1):
+        rate = self.rate
+        if not self.needs_cls_attention:
             return tokens
         if tokens.is_packed or tokens.keep is not None:
             raise ValueError("EViT keeps the same number of tokens per image and needs dense tokens")

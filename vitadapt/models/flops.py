@@ -3,6 +3,12 @@
 The analytic count is what adaptive methods report per image (an image that keeps fewer tokens costs
 fewer MACs); fvcore traces the real graph and serves as its check. Both count one multiply-add as one
 "flop", the convention of fvcore and of the DeiT/ATS/EViT papers' GFLOPs.
+
+Convention of the analytic counts: every matrix product that runs (linear layers, attention, the patch
+embedding, a method's decision heads and side products such as the CLS attention row), nothing else:
+LayerNorm, softmax, GELU and elementwise operations are left out. fvcore adds LayerNorm at 5 per normalised
+element (about 0.2% of DeiT-S: 4.608 against 4.599 GMACs); `fvcore_macs(..., layer_norms=False)` leaves it
+out and then equals the analytic count of one image exactly (tests/test_flops_convention.py).
 """
 
 import warnings
@@ -32,6 +38,11 @@ def vit_macs(model: nn.Module, token_counts: Tensor) -> Tensor:
     num_patches = token_counts[:, 0, 0] - 1  # every patch enters the first block, plus CLS
     patch_macs = num_patches.double() * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * dim
     blocks = block_macs(token_counts[..., 0], token_counts[..., 1], dim, mlp_hidden).sum(dim=1)
+    # A method reading the CLS attention row (ATS, EViT) computes it on the side: q_cls K^T, N MACs per channel.
+    side = [i for i, block in enumerate(model.blocks)
+            if getattr(block, "adapter", None) is not None and block.adapter.needs_cls_attention]
+    if side:
+        blocks = blocks + token_counts[:, side, 0].double().sum(dim=1) * dim
     head = dim * model.num_classes if model.num_classes > 0 else 0
     return patch_macs + blocks + head
 
@@ -45,10 +56,16 @@ def _sdpa_macs(inputs: List[Any], outputs: List[Any]) -> int:
     return batch * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
-def fvcore_macs(model: nn.Module, images: Tensor) -> float:
-    """Total MACs fvcore traces for `images` (with fused attention counted), divided by the batch size."""
+def fvcore_macs(model: nn.Module, images: Tensor, layer_norms: bool = True) -> float:
+    """Total MACs fvcore traces for `images` (with fused attention counted), divided by the batch size.
+
+    layer_norms: count LayerNorm as fvcore does, 5 per normalised element (its default, the convention of the
+    published fvcore numbers); False counts the matrix products only, the convention of the analytic per-image
+    counts (`macs_per_image`), which then equal this count on one image exactly."""
     analysis = FlopCountAnalysis(model, images)
     analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+    if not layer_norms:  # a handle of None only silences the warning: the op must count 0
+        analysis.set_op_handle("aten::layer_norm", lambda inputs, outputs: 0)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     with torch.no_grad():
         return analysis.total() / images.shape[0]

@@ -40,7 +40,8 @@ class TokenBatch:
     execution: str = "packed"
     frames: int = 1
     # Packed layout: row of each live token in a [B * width] padded tensor, and width = max(lengths); uniform:
-    # every image has width tokens (always at batch 1), so the packed rows are the padded layout already.
+    # every image has width tokens (always at batch 1), so the packed rows are the padded layout already (and
+    # flat_index is None).
     flat_index: Optional[Tensor] = field(default=None, repr=False)
     width: int = 0
     uniform: bool = False
@@ -64,6 +65,11 @@ class TokenBatch:
     @property
     def is_packed(self) -> bool:
         return self.lengths is not None
+
+    @property
+    def all_live(self) -> bool:
+        """Every slot of the padded layout holds a live token (dense, or packed images of equal lengths)."""
+        return self.uniform if self.is_packed else self.keep is None
 
     @property
     def batch_size(self) -> int:
@@ -150,15 +156,22 @@ class TokenBatch:
         if self.execution == "masked" and not self.is_packed:
             keep = torch.zeros_like(self.live_mask()).scatter(1, index, valid)
             return self.with_keep(keep & self.live_mask())
-        x, ids = self.padded(self.x), self.padded(self.ids)
-        x = x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))[valid]
-        return self._packed(x, ids.gather(1, index)[valid], valid.sum(dim=1))
+        # Padded position p of image b is row first_row[b] + p of x flattened (packed: image b's rows start at
+        # the sum of the earlier lengths), so one index_select moves the kept tokens, without padding first.
+        if self.is_packed and not self.uniform:
+            first_row = self.lengths.cumsum(0) - self.lengths
+        else:
+            width = self.width if self.is_packed else self.x.shape[1]
+            first_row = torch.arange(0, self.batch_size * width, width, device=self.x.device)
+        rows = (index + first_row[:, None])[valid]
+        x, ids = self.x.reshape(-1, self.x.shape[-1]), self.ids.reshape(-1)
+        return self._packed(x.index_select(0, rows), ids.index_select(0, rows), valid.sum(dim=1))
 
     def rows(self):
         """Every token slot as a row: (x [R, C], ids [R], image [R], live [R] bool or None for all live), with
         R = T for packed tokens and B * N otherwise. Per-token state kept per (image, id) indexes with these."""
         if self.is_packed:
-            return self.x, self.ids, torch.div(self.flat_index, self.width, rounding_mode="floor"), None
+            return self.x, self.ids, self.image_of_rows(), None
         b, n, c = self.x.shape
         image = torch.arange(b, device=self.x.device)[:, None].expand(b, n).reshape(-1)
         return self.x.reshape(b * n, c), self.ids.reshape(-1), image, None if self.keep is None else self.keep.reshape(-1)
@@ -202,13 +215,25 @@ class TokenBatch:
         out[image[live], ids[live]] = t[live]
         return out.movedim(1, dim)
 
+    def image_of_rows(self) -> Tensor:
+        """[T] the image of every packed token."""
+        if self.uniform:
+            return torch.div(torch.arange(self.x.shape[0], device=self.x.device), self.width, rounding_mode="floor")
+        return torch.div(self.flat_index, self.width, rounding_mode="floor")
+
     def _packed(self, x: Tensor, ids: Tensor, lengths: Tensor) -> "TokenBatch":
         """This batch with the packed tokens x [T, C] (lengths[b] of image b, one image after the other)."""
-        shortest, width = torch.stack(torch.aminmax(lengths)).tolist() if lengths.numel() else (0, 0)
-        slots = torch.arange(width, device=x.device)
-        flat_index = (torch.arange(lengths.numel(), device=x.device)[:, None] * width + slots)[slots < lengths[:, None]]
+        if lengths.numel() > 1:
+            shortest, width = torch.stack(torch.aminmax(lengths)).tolist()
+        else:  # one image (or none): one host read, not three operators
+            shortest = width = int(lengths) if lengths.numel() else 0
+        uniform = shortest == width
+        flat_index = None
+        if not uniform:  # equal lengths need no padding, hence no padded rows
+            slots = torch.arange(width, device=x.device)
+            flat_index = (torch.arange(lengths.numel(), device=x.device)[:, None] * width + slots)[slots < lengths[:, None]]
         return self.replace(x=x, ids=ids, keep=None, lengths=lengths, flat_index=flat_index, width=width,
-                            uniform=shortest == width)
+                            uniform=uniform)
 
     def counts_per_block(self) -> Tensor:
         """[B, depth, 2] live tokens at each block's attention and MLP."""

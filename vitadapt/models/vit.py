@@ -16,6 +16,17 @@ from .build import MODEL_REGISTRY
 from .flops import vit_macs
 from .tokens import TokenAdapter, TokenBatch
 
+try:  # variable-length flash attention over packed sequences (torch >= 2.10, CUDA, half precision)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # older torch: packed tokens always take the padded path
+    varlen_attn = None
+
+
+def varlen_supported(x: Tensor) -> bool:
+    """Whether varlen_attn can run on tokens like x [T, C]: the installed torch has it, on a CUDA device, in half
+    precision (its flash / cuDNN kernels)."""
+    return varlen_attn is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -34,11 +45,16 @@ class Attention(nn.Module):
         self.kv_mixing: Optional[nn.Module] = None
         # False: explicit softmax(Q K^T * scale) V (VIT.FUSED_ATTENTION), the official code's order of operations.
         self.fused = True
+        # Packed images of different lengths attend through varlen_attn where it runs (VIT.VARLEN_ATTENTION):
+        # no padding to the longest image; elsewhere they are padded and the padding masked.
+        self.varlen = True
 
     def forward(self, x: Tensor, tokens: TokenBatch, need_cls_attention: bool = False,
                 adapter: Optional[TokenAdapter] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
         """x: the normed tokens, laid out like tokens.x. Returns (output like x, CLS attention row [B,H,N] or
         None, values [B,H,N,D] or None), the last two in the padded layout."""
+        if self.takes_varlen(x, tokens, need_cls_attention, adapter):
+            return self.varlen_forward(x, tokens), None, None
         qkv = tokens.padded(self.qkv(x))  # packed tokens: per-token work stays [T, C], attention is per image
         b, n, c3 = qkv.shape
         c = c3 // 3
@@ -76,6 +92,29 @@ class Attention(nn.Module):
         if key_mask is not None:
             logits = logits.masked_fill(~key_mask[:, :, 0], float("-inf"))
         return out, logits.softmax(dim=-1), v
+
+
+    def takes_varlen(self, x: Tensor, tokens: TokenBatch, need_cls_attention: bool,
+                     adapter: Optional[TokenAdapter]) -> bool:
+        """Packed images of unequal lengths, a plain attention (nothing a method reads or changes in the padded
+        layout, no key/value mixing, no attention dropout in training) and a kernel that runs on x."""
+        if not (self.varlen and tokens.is_packed and not tokens.uniform) or need_cls_attention:
+            return False
+        if self.kv_mixing is not None or not self.fused or (self.training and self.attn_drop > 0):
+            return False
+        if adapter is not None and (adapter.observes_attention or adapter.records_attention_logits or any(
+                getattr(type(adapter), hook) is not getattr(TokenAdapter, hook)
+                for hook in ("attention_heads", "attention_bias"))):
+            return False
+        return varlen_supported(x)
+
+    def varlen_forward(self, x: Tensor, tokens: TokenBatch) -> Tensor:
+        """Attention of packed tokens x [T, C], each image over its own tokens, without padding."""
+        t, c = x.shape
+        q, k, v = self.qkv(x).view(t, 3, self.num_heads, c // self.num_heads).unbind(1)  # [T, heads, dh] each
+        starts = F.pad(tokens.lengths.cumsum(0), (1, 0)).to(torch.int32)  # [B + 1] first row of each image
+        out = varlen_attn(q, k, v, starts, starts, tokens.width, tokens.width, scale=self.scale)
+        return self.proj_drop(self.proj(out.reshape(t, c)))
 
 
 class PaddedPatchEmbed(nn.Module):

@@ -1,0 +1,63 @@
+"""The GMACs a model reports per image are what it executes: on one image, fvcore's trace of the real graph
+(LayerNorm left out, the analytic convention: vitadapt.models.flops) equals `macs_per_image` exactly, for the
+dense backbone and every token method, with tokens really dropped (packed execution). A speed-up can then never
+come from a count that changed."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vitadapt.config import load_config  # noqa: E402
+from vitadapt.models import build_model  # noqa: E402
+from vitadapt.models.flops import fvcore_macs  # noqa: E402
+from vitadapt.models.synthetic import add_halting_drift_, calibrate_decisions_, sharpen_  # noqa: E402
+
+SMALL = ["NUM_GPUS", "0", "VIT.EMBED_DIM", "96", "VIT.NUM_HEADS", "3", "DATA.TRAIN_CROP_SIZE", "112",
+         "DATA.TEST_CROP_SIZE", "112", "MODEL.NUM_CLASSES", "10"]
+# AdaViT: without layer decisions, so that no block is skipped whole; fvcore's trace drops the decision heads of
+# a skipped block (nothing reaches the output from them), which the analytic count rightly includes.
+CASES = {
+    "deit": ("configs/ImageNet/DeiT_S.yaml", []),
+    "ats": ("configs/ImageNet/ATS_DeiT_S.yaml", []),
+    "evit": ("configs/ImageNet/EViT/EViT_DeiT_S_keep0.7.yaml", []),
+    "evit_nofuse": ("configs/ImageNet/EViT/EViT_DeiT_S_keep0.5_nofuse.yaml", []),
+    "avit": ("configs/ImageNet/AViT/AViT_DeiT_S.yaml", []),
+    "adavit": ("configs/ImageNet/AdaViT/AdaViT_DeiT_S.yaml", ["ADAVIT.LAYER", "False"]),
+    "adavit_head_v2": ("configs/ImageNet/AdaViT/AdaViT_DeiT_S.yaml", ["ADAVIT.LAYER", "False", "ADAVIT.HEAD_V2", "True"]),
+}
+
+
+def _model(name):
+    path, opts = CASES[name]
+    torch.manual_seed(0)
+    model = build_model(load_config(path, SMALL + opts)).eval()
+    sharpen_(model)  # peaked attention: token methods drop tokens, differently per image
+    if name == "avit":
+        add_halting_drift_(model)
+    images = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(1))
+    calibrate_decisions_(model, images, usage=0.75)  # AdaViT: keeps about 3/4 (no-op for the others)
+    return model, images
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_analytic_count_equals_fvcore_on_one_image(name):
+    model, images = _model(name)
+    counts = []
+    for i in range(len(images)):
+        image = images[i:i + 1]
+        with torch.no_grad():
+            model(image)
+        analytic = model.macs_per_image()[0].item()
+        assert fvcore_macs(model, image, layer_norms=False) == analytic, (name, i)
+        # fvcore's default adds LayerNorm, 5 per normalised element: more, never less.
+        assert fvcore_macs(model, image) > analytic
+        counts.append(analytic)
+    if name != "deit":
+        deit, _ = _model("deit")
+        with torch.no_grad():
+            deit(images[:1])
+        assert max(counts) < deit.macs_per_image()[0].item(), "nothing dropped: a wrong count would go unseen"
