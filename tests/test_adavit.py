@@ -785,6 +785,50 @@ def test_packed_equals_masked_under_autocast():
     assert _max_diff(outputs["packed"], outputs["masked"]) < 0.1
 
 
+@pytest.mark.parametrize("decisions", ["all", "tokens_only"])
+def test_masked_training_fused_attention_equals_the_official_order(decisions):
+    """Masked training attends with one fused call (the detached token policy as a mask): the loss and every
+    gradient, decision heads included, equal the official order of operations (VIT.FUSED_ATTENTION False) on the
+    same Gumbel draws."""
+    from vitadapt.engine.trainer import training_loss
+    from vitadapt.models.adavit import AdaViTVisionTransformer
+    from vitadapt.models.synthetic import calibrate_decisions_
+
+    kwargs = dict(img_size=64, patch_size=16, num_classes=10, embed_dim=48, depth=4, num_heads=3,
+                  token_execution="masked")
+    if decisions == "tokens_only":
+        kwargs.update(ada_head=False, ada_layer=False)
+    images, labels = _images(6, 64), torch.arange(6) % 10
+    results = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = AdaViTVisionTransformer(**kwargs)
+        calibrate_decisions_(model, images, usage=0.7)
+        for block in model.blocks:
+            block.attn.fused = fused
+        draws = {}
+
+        def replay(name, logits):  # the same noise in both runs
+            if name not in draws:
+                g = torch.Generator().manual_seed(len(draws))
+                draws[name] = tuple(-torch.empty(logits.shape).exponential_(generator=g).log() for _ in range(2))
+            return draws[name]
+
+        model.noise_source = replay
+        model.train()
+        logits = model(images)
+        loss, _, _ = training_loss(model, logits, labels, F.cross_entropy)
+        loss.backward()
+        kept = torch.stack([d.tokens for d in model.last_decisions if d.tokens is not None])
+        results[fused] = (loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}, kept)
+    (loss_f, grads_f, kept_f), (loss_e, grads_e, kept_e) = results[True], results[False]
+    assert 0 < (kept_f < 0.5).float().mean() < 0.9 and torch.equal(kept_f, kept_e)  # tokens dropped, alike
+    assert abs(loss_f - loss_e) <= 1e-5 * abs(loss_e)
+    assert grads_f.keys() == grads_e.keys() and any("select" in n for n in grads_f)
+    for name, grad in grads_e.items():
+        assert (grads_f[name] - grad).abs().max() <= 1e-5 * max(1.0, grad.abs().max()), name
+
+
 def test_packed_follows_weight_changes():
     """Packed execution keeps a head-major copy of every qkv weight between forwards; a checkpoint load or an
     optimizer step (in-place updates) must reach it: packed stays equal to masked after each."""

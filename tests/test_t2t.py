@@ -203,7 +203,9 @@ def test_macs_tokenizer_plus_body_against_fvcore():
     analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     by_op = analysis.by_operator()
-    assert set(by_op) == {"linear", "einsum", "layer_norm", "scaled_dot_product_attention"}
+    # Attention is one fused call, or explicit matrix products where those are faster (small, on the CPU).
+    attention = set(by_op) & {"scaled_dot_product_attention", "matmul"}
+    assert set(by_op) - attention == {"linear", "einsum", "layer_norm"} and len(attention) == 1
     ref = analysis.total() - by_op["layer_norm"]
     assert abs(ours[0].item() - ref) / ref < 1e-6, (ours[0].item(), ref)
     assert abs(ours[0].item() - fvcore_macs(model, x)) / ours[0].item() < 0.07  # the norms: 6% at this tiny width

@@ -214,25 +214,12 @@ class AdaViTVisionTransformer(VisionTransformer):
         q, k, v = qkv.reshape(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4)
         if attn.kv_mixing is not None:  # XViT's shift: see shifted_keys_values
             k, v = self.shifted_keys_values(attn, k, v, d)
-        logits = (q @ k.transpose(-2, -1)) * attn.scale
-        probs = logits.softmax(dim=-1)
         eye = torch.eye(n, device=x.device, dtype=x.dtype)
-        head_gate = None if d.heads is None else d.heads[:, :, None, None]
-        if self.head_attn and head_gate is not None:
-            probs = probs * head_gate + eye * (1 - head_gate)  # a dropped head attends to itself only
-        if d.tokens is not None:
-            policy = (d.tokens[:, :, None] * d.tokens[:, None, :])[:, None]
-            if self.token_detach_attn:
-                policy = policy.detach()
-            if self.token_pre_softmax or not self.training:
-                blocked = torch.zeros_like(logits).masked_fill((1 - policy - eye) > 0, float("-inf"))
-                probs = (logits * policy + blocked).softmax(dim=-1)
-            else:
-                probs = F.normalize(probs * policy, p=1, dim=-1)
-            if self.head_attn and head_gate is not None and not self.training:  # again, in evaluation only
-                probs = probs * head_gate + eye * (1 - head_gate)
-        probs = F.dropout(probs, attn.attn_drop, self.training)
-        out = (probs @ v).transpose(1, 2).reshape(b, n, c)
+        if self.fused_masked_attention(attn, d):
+            out = self.fused_attention(attn, q, k, v, d, eye)
+        else:
+            out = self.explicit_attention(attn, q, k, v, d, eye)
+        out = out.transpose(1, 2).reshape(b, n, c)
         if width is not None:
             out = out * width[:, None, :]
         out = attn.proj_drop(attn.proj(out))
@@ -257,6 +244,46 @@ class AdaViTVisionTransformer(VisionTransformer):
         if d.layer is None:
             return x + drop_path(out, block.drop_path, self.training)
         return x + d.layer[:, 1, None, None] * out
+
+    def fused_masked_attention(self, attn, d: Decisions) -> bool:
+        """Whether the official masked attention is one fused call: the token policy enters only as a mask (it is
+        detached and applied before the softmax), no head attends to itself in place of its heads' output, no
+        attention dropout in training (its draws would differ), and VIT.FUSED_ATTENTION is on."""
+        if not attn.fused or self.head_attn or (self.training and attn.attn_drop > 0):
+            return False
+        return d.tokens is None or (self.token_detach_attn and (self.token_pre_softmax or not self.training))
+
+    def fused_attention(self, attn, q: Tensor, k: Tensor, v: Tensor, d: Decisions, eye: Tensor) -> Tensor:
+        """softmax(logits * policy + blocked) V with the official policy and block mask, as one fused call: where
+        the detached policy keeps a pair it is 1 (up to a rounding of the straight-through value, far below the
+        tolerances), elsewhere the pair is blocked; a dropped token's row keeps only its own entry, the one-hot
+        row the official code gets from its logit times 0. The same values and gradients, without the [B, H, N, N]
+        intermediates of the explicit computation (AdaViT trains masked: twice the speed on a CPU)."""
+        mask = None
+        if d.tokens is not None:
+            policy = (d.tokens[:, :, None] * d.tokens[:, None, :])[:, None].detach()
+            mask = torch.zeros_like(policy).masked_fill((1 - policy - eye) > 0, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+
+    def explicit_attention(self, attn, q: Tensor, k: Tensor, v: Tensor, d: Decisions, eye: Tensor) -> Tensor:
+        """The official masked attention [B, H, N, D] in its order of operations."""
+        logits = (q @ k.transpose(-2, -1)) * attn.scale
+        probs = logits.softmax(dim=-1)
+        head_gate = None if d.heads is None else d.heads[:, :, None, None]
+        if self.head_attn and head_gate is not None:
+            probs = probs * head_gate + eye * (1 - head_gate)  # a dropped head attends to itself only
+        if d.tokens is not None:
+            policy = (d.tokens[:, :, None] * d.tokens[:, None, :])[:, None]
+            if self.token_detach_attn:
+                policy = policy.detach()
+            if self.token_pre_softmax or not self.training:
+                blocked = torch.zeros_like(logits).masked_fill((1 - policy - eye) > 0, float("-inf"))
+                probs = (logits * policy + blocked).softmax(dim=-1)
+            else:
+                probs = F.normalize(probs * policy, p=1, dim=-1)
+            if self.head_attn and head_gate is not None and not self.training:  # again, in evaluation only
+                probs = probs * head_gate + eye * (1 - head_gate)
+        return F.dropout(probs, attn.attn_drop, self.training) @ v
 
     def shifted_keys_values(self, attn, k: Tensor, v: Tensor, d: Decisions):
         """Keys and values [B, H, N, D] after the backbone's kv_mixing (XViT's shift across frames), from the tokens

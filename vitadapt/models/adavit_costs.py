@@ -245,7 +245,7 @@ def exact_t2t_base_gflops(img_size: int = 224, embed_dim: int = 448, num_classes
     0.000448: 0.312906 G. The official code adds 0.33 instead (`official_base_gflops`), 0.017 G more (0.2% of
     the dense 8.5 G; where it comes from is not in the released code, which has no count of its own). fvcore on
     the tokenizer agrees with this count to 1e-4 (its einsum counts go through numpy's rounded estimate)."""
-    size, tokens, width = img_size, [], in_chans
+    size, tokens = img_size, []
     for kernel, stride, padding in splits:
         size = (size + 2 * padding - kernel) // stride + 1
         tokens.append(size * size)
