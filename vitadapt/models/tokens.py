@@ -110,7 +110,7 @@ class TokenBatch:
             return t
         if self.uniform:  # no padding to add: a view, no copy (every image has `width` tokens)
             return t.reshape((self.batch_size, self.width) + t.shape[1:])
-        out = t.new_zeros((self.batch_size * self.width,) + t.shape[1:]).index_copy(0, self.flat_index, t)
+        out = t.new_zeros((self.batch_size * self.width,) + t.shape[1:]).index_copy_(0, self.flat_index, t)
         return out.view((self.batch_size, self.width) + t.shape[1:])
 
     def unpadded(self, t: Tensor) -> Tensor:
