@@ -4,7 +4,7 @@ Token-reduction methods change *which tokens exist* per image. None of them hand
 bookkeeping: they call the helpers here, and the backbone stays the same for all of them.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List, Optional
 
 import torch
@@ -60,14 +60,7 @@ class TokenBatch:
                    execution=execution)._packed(x, ids, lengths)
 
     def replace(self, **changes) -> "TokenBatch":
-        """A copy with some fields changed (dataclasses.replace, without its re-run of __init__: every block
-        replaces its batch several times, and at batch 1 that cost shows)."""
-        unknown = changes.keys() - self.__dict__.keys()
-        if unknown:
-            raise TypeError(f"TokenBatch has no field {sorted(unknown)}")
-        new = object.__new__(TokenBatch)
-        new.__dict__.update(self.__dict__, **changes)
-        return new
+        return replace(self, **changes)
 
     @property
     def is_packed(self) -> bool:

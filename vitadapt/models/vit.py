@@ -110,7 +110,6 @@ class Attention(nn.Module):
             logits = logits.masked_fill(~key_mask[:, :, 0], float("-inf"))
         return out, logits.softmax(dim=-1), v
 
-
     def takes_varlen(self, x: Tensor, tokens: TokenBatch, need_cls_attention: bool,
                      adapter: Optional[TokenAdapter]) -> bool:
         """Packed images of unequal lengths, a plain attention (nothing a method reads or changes in the padded
