@@ -363,22 +363,24 @@ class AdaViTVisionTransformer(VisionTransformer):
         image_of_row = torch.repeat_interleave(torch.arange(lengths.numel(), device=h.device), lengths)
         kept = (heads_kept > 0.5) & (lengths > 0)[:, None]  # [B, H]
         weight, bias = head_major_qkv(attn.qkv, heads)
-        # The rows of every head, head-major (images and tokens in order), gathered from h in one go; each head's
-        # q, k, v are written into its slice of one buffer.
+        # The rows of every head, head-major (images and tokens in order); each head's q, k, v are written into its
+        # slice of one buffer. A head every image keeps reads the kept tokens as they are (always at batch 1), a
+        # head some images drop reads its images' rows, gathered.
         head_of, row_of = torch.nonzero(kept[image_of_row].t(), as_tuple=True)
         counts = torch.bincount(head_of, minlength=heads).tolist()
         out = h.new_zeros(rows, heads, dh)  # the dropped heads' channels stay 0
         if sum(counts):
-            x = h.index_select(0, index.index_select(0, row_of))
-            qkv = x.new_empty(x.shape[0], 3 * dh)
+            x = h.index_select(0, index)  # [R, C] the kept tokens
+            qkv = x.new_empty(sum(counts), 3 * dh)
             start = 0
             for j, count in enumerate(counts):
                 if count:
                     end = start + count
+                    rows_j = x if count == rows else x.index_select(0, row_of[start:end])
                     if bias[j] is None:
-                        torch.mm(x[start:end], weight[j].t(), out=qkv[start:end])
+                        torch.mm(rows_j, weight[j].t(), out=qkv[start:end])
                     else:
-                        torch.addmm(bias[j], x[start:end], weight[j].t(), out=qkv[start:end])
+                        torch.addmm(bias[j], rows_j, weight[j].t(), out=qkv[start:end])
                     start = end
             pair_head, pair_image = torch.nonzero(kept.t(), as_tuple=True)  # head-major, as the rows of x
             pair_len = lengths[pair_image]
