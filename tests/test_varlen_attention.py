@@ -40,13 +40,23 @@ class EmulatedVarlen:
         return torch.cat(out)
 
 
-def _avit(varlen: bool):
+def _model(path: str, varlen: bool, *opts: str):
     torch.manual_seed(0)
-    model = build_model(load_config("configs/ImageNet/AViT/AViT_DeiT_S.yaml",
-                                    SMALL + ["VIT.VARLEN_ATTENTION", str(varlen)]))
+    model = build_model(load_config(path, SMALL + ["VIT.VARLEN_ATTENTION", str(varlen), *opts]))
     sharpen_(model)
-    add_halting_drift_(model)  # tokens halt, differently per image: packed images of unequal lengths
     return model
+
+
+def _avit(varlen: bool):
+    """A-ViT whose tokens halt, differently per image: packed images of unequal lengths."""
+    model = _model("configs/ImageNet/AViT/AViT_DeiT_S.yaml", varlen)
+    add_halting_drift_(model)
+    return model
+
+
+def _ats(varlen: bool):
+    """ATS in blocks 3 and 4 only: the plain blocks after them see packed images of unequal lengths."""
+    return _model("configs/ImageNet/ATS_DeiT_S.yaml", varlen, "ATS.BLOCKS", "[3, 4]")
 
 
 @pytest.fixture
@@ -69,15 +79,6 @@ def test_varlen_equals_padded_inference(emulated):
         counts = model.last_token_counts[:, :, 0]
     assert any(len(set(c)) > 1 for c in counts.t().tolist()), "no block saw unequal lengths"
     assert (outputs[True] - outputs[False]).abs().max() <= 1e-5
-
-
-def _ats(varlen: bool):
-    """ATS in blocks 3 and 4 only: the plain blocks after them see packed images of unequal lengths."""
-    torch.manual_seed(0)
-    model = build_model(load_config("configs/ImageNet/ATS_DeiT_S.yaml",
-                                    SMALL + ["ATS.BLOCKS", "[3, 4]", "VIT.VARLEN_ATTENTION", str(varlen)]))
-    sharpen_(model)
-    return model
 
 
 def test_varlen_equals_padded_training_gradients(emulated):
