@@ -311,16 +311,27 @@ def test_packed_equals_masked_and_reference(synthetic, crafted, name):
     with torch.no_grad():
         ref = H.ref_forward(config["constructor"], sd, images)
     results = {}
-    for execution in ("masked", "packed"):
-        logits, decisions, hidden = _run(_model(config, sd, execution), images)
+    for execution in ("masked", "packed", "packed pairs"):
+        model = _packed_model(config, sd, execution)
+        logits, decisions, hidden = _run(model, images)
         assert _max_diff(logits, ref["logits"]) <= OUT_ATOL, execution
         _assert_same_decisions(decisions, _hard(ref), f"{execution} vs reference")
         assert _max_diff(hidden, ref["hidden"]) <= _hidden_atol(ref["hidden"]), execution
         results[execution] = (logits, decisions, hidden)
-    (lm, dm, hm), (lp, dp, hp) = results["masked"], results["packed"]
-    assert _max_diff(lp, lm) <= OUT_ATOL
-    _assert_same_decisions(dp, dm, "packed vs masked")
-    assert _max_diff(hp, hm) <= _hidden_atol(hm)
+    lm, dm, hm = results["masked"]
+    for execution in ("packed", "packed pairs"):
+        lp, dp, hp = results[execution]
+        assert _max_diff(lp, lm) <= OUT_ATOL
+        _assert_same_decisions(dp, dm, f"{execution} vs masked")
+        assert _max_diff(hp, hm) <= _hidden_atol(hm)
+
+
+def _packed_model(config, sd, execution):
+    """The model in `execution` "masked", "packed" (on a CPU: attention with head decisions per image) or "packed
+    pairs" (that attention over all (image, head) pairs at once, as on a GPU)."""
+    model = _model(config, sd, execution.split()[0])
+    model.per_image_attention = execution != "packed pairs"
+    return model
 
 
 def test_packed_equals_masked_golden_dev(golden_dev):
@@ -333,14 +344,14 @@ def test_packed_equals_masked_golden_dev(golden_dev):
     _assert_same_decisions(dp, dm, "packed vs masked")
 
 
-@pytest.mark.parametrize("execution", ["packed", "masked"])
+@pytest.mark.parametrize("execution", ["packed", "packed pairs", "masked"])
 @pytest.mark.parametrize("name", ["crafted", "heldout", "head_v2", "token_without_mlp"])
 def test_an_image_does_not_depend_on_its_batch_mates(synthetic, crafted, name, execution):
     """Each image alone (batch 1), in the batch, in the batch reversed and in a batch of itself repeated: the same
     logits, decisions and per-block outputs (the crafted batch mixes images with no kept head, images that skip
     a block entirely, blocks no image runs and blocks where only CLS is kept)."""
     config, sd, images = _setting(name, synthetic, crafted)
-    model = _model(config, sd, execution)
+    model = _packed_model(config, sd, execution)
     logits, decisions, hidden = _run(model, images)
     macs = model.macs_per_image()
     gflops = model.official_gflops()

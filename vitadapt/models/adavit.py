@@ -77,12 +77,14 @@ def gumbel_sigmoid(logits: Tensor, threshold: float, tau: float, training: bool,
     else:
         soft = torch.sigmoid(logits)
     hard = (soft > threshold).to(soft.dtype)
+    if not soft.requires_grad:  # nothing to pass a gradient to (inference): the hard values themselves
+        return hard
     return hard - soft.detach() + soft
 
 
-def head_major_qkv(qkv: nn.Linear, heads: int) -> Tuple[Tensor, list]:
-    """qkv's weight as [heads, 3 * dh, C] (each head's q, k, v rows contiguous, for one product per head) and its
-    bias per head (None without one). The copy is kept until the weights change (their version counter moves with
+def head_major_qkv(qkv: nn.Linear, heads: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """qkv's weight as [heads, 3 * dh, C] (each head's q, k, v rows contiguous, for one product per head or per
+    run of heads) and its bias as [heads, 3 * dh] (None without one). The copy is kept until the weights change (their version counter moves with
     every in-place update: an optimizer step, a checkpoint load), so that inference copies them once, not per
     forward (at batch 1 the copy cost as much as a tenth of the block)."""
     versions = (heads, qkv.weight._version, None if qkv.bias is None else qkv.bias._version)
@@ -92,8 +94,7 @@ def head_major_qkv(qkv: nn.Linear, heads: int) -> Tuple[Tensor, list]:
         dh = out // (3 * heads)
         with torch.no_grad():
             weight = qkv.weight.view(3, heads, dh, c).transpose(0, 1).reshape(heads, 3 * dh, c)
-            bias = [None] * heads if qkv.bias is None else \
-                list(qkv.bias.view(3, heads, dh).transpose(0, 1).reshape(heads, 3 * dh).unbind(0))
+            bias = None if qkv.bias is None else qkv.bias.view(3, heads, dh).transpose(0, 1).reshape(heads, 3 * dh)
         cached = (qkv.weight, versions, weight, bias)
         qkv._head_major = cached
     return cached[2], cached[3]
@@ -157,6 +158,9 @@ class AdaViTVisionTransformer(VisionTransformer):
         self.noise_source: Optional[Callable[[str, Tensor], Tuple[Tensor, Tensor]]] = None
         self.usage_weights, self.official_base_gflops = usage_weights, official_base_gflops
         self._table: Optional[Tensor] = None
+        # Packed attention with head decisions per image (True) or over all (image, head) pairs at once (False);
+        # None: per image on a CPU.
+        self.per_image_attention: Optional[bool] = None
 
     def _bias_decisions_to_keep(self, p: float) -> None:
         """Biases under which every new decision keeps its head, branch or token with probability p in training
@@ -309,96 +313,148 @@ class AdaViTVisionTransformer(VisionTransformer):
         computation (their bias is kept, so a block without a kept head still adds the biases' effect)."""
         b, n, c = x.shape
         flat = x.view(b * n, c)
-        token_kept = (d.tokens > 0.5) if d.tokens is not None else torch.ones(b, n, dtype=torch.bool, device=x.device)
-        attn_on = (d.layer[:, 0] > 0.5) if d.layer is not None else torch.ones(b, dtype=torch.bool, device=x.device)
-        mlp_on = (d.layer[:, 1] > 0.5) if d.layer is not None else torch.ones(b, dtype=torch.bool, device=x.device)
-        heads = None if d.heads is None or self.head_attn else (d.heads > 0.5).to(x.dtype)  # [B, H] kept heads
-        rows = token_kept & attn_on[:, None]  # [B, N] the tokens the attention branch updates
-        if bool(rows.any()):
-            index = torch.nonzero(rows.view(-1)).squeeze(1)
-            out = self._packed_attention(block, h.view(b * n, c), index, rows.sum(dim=1), d.heads)
-            flat.index_add_(0, index, out.to(flat.dtype))  # autocast: half-precision output, fp32 residual stream
-        rows = (token_kept if self.token_with_mlp else torch.ones_like(token_kept)) & mlp_on[:, None]
-        if bool(rows.any()):
-            index = torch.nonzero(rows.view(-1)).squeeze(1)
-            hidden = block.norm2(flat.index_select(0, index))
-            kept = None if heads is None else heads.index_select(0, torch.div(index, n, rounding_mode="floor"))
-            flat.index_add_(0, index, self._packed_mlp(block, hidden, kept).to(flat.dtype))
+        tokens = None if d.tokens is None else d.tokens > 0.5  # [B, N]
+        layer = None if d.layer is None else d.layer > 0.5  # [B, 2]: attention, MLP branch on
+        heads = None if d.heads is None else d.heads > 0.5  # [B, H]
+        for branch in ("attn", "mlp"):
+            rows = tokens if branch == "attn" or self.token_with_mlp else None  # [B, N] the tokens it updates
+            if layer is not None:
+                on = layer[:, 0 if branch == "attn" else 1, None]
+                rows = on.expand(b, n) if rows is None else rows & on
+            index = None if rows is None else torch.nonzero(rows.reshape(-1)).squeeze(1)  # None: every row
+            if index is not None and not index.numel():
+                continue
+            if branch == "attn":
+                out = self._packed_attention(block, h, index, rows, heads)
+            else:
+                hidden = block.norm2(flat if index is None else flat.index_select(0, index))
+                out = self._packed_mlp(block, hidden, heads, index, n)
+            out = out if out.dtype == flat.dtype else out.to(flat.dtype)  # autocast: fp32 residual stream
+            if index is None:
+                flat.add_(out)
+            else:
+                flat.index_add_(0, index, out)
         return x
 
-    def _packed_attention(self, block: Block, h: Tensor, index: Tensor, lengths: Tensor,
+    def _packed_attention(self, block: Block, h: Tensor, index: Optional[Tensor], rows: Optional[Tensor],
                           heads_kept: Optional[Tensor]) -> Tensor:
-        """Attention output [R, C] of the R kept tokens at rows `index` of h [B * N, C] (lengths[b] of image b, in
-        order): each image attends over its own kept tokens, each kept (image, head) pair once."""
+        """Attention output [R, C] of the R kept tokens of h [B, N, C], at flat rows `index` (rows [B, N] their
+        mask; both None: every token): each image attends over its own kept tokens, each kept (image, head) pair
+        once; heads_kept [B, H] (None: all)."""
         attn = block.attn
-        c = h.shape[1]
+        b, n, c = h.shape
+        x = h.view(b * n, c) if index is None else h.view(b * n, c).index_select(0, index)  # [R, C]
         heads, dh = attn.num_heads, c // attn.num_heads
         # An explicit qk_scale (T2T-ViT's embed_dim**-0.5) as the backbone's Attention passes it; else the default.
         scale = {} if attn.qk_scale is None else {"scale": attn.qk_scale}
+        per_image = self.per_image_attention
+        if not self.head_attn and attn.kv_mixing is None and (x.device.type == "cpu" if per_image is None else per_image):
+            # Per image, over its kept tokens, one product and one attention call per run of consecutive kept heads:
+            # no padding, no gathered q, k, v. On a CPU faster than the pairs below at batch 1 to 64 (measured); on
+            # a GPU one call over all pairs saves a launch per image and run.
+            lengths = [n] * b if rows is None else [x.shape[0]] if b == 1 else rows.sum(dim=1).tolist()
+            weight, bias = head_major_qkv(attn.qkv, heads)
+            out, start = x.new_zeros(x.shape[0], heads, dh), 0  # the dropped heads' channels stay 0
+            for length, kept in zip(lengths, [[True] * heads] * b if heads_kept is None else heads_kept.tolist()):
+                if length:
+                    self._one_image_attention(x[start:start + length], kept, weight, bias, out[start:start + length],
+                                              scale)
+                    start += length
+            return F.linear(out.view(x.shape[0], c), attn.proj.weight, attn.proj.bias)
+        lengths = torch.full((b,), n, device=h.device) if rows is None else rows.sum(dim=1)
         if heads_kept is None or self.head_attn or attn.kv_mixing is not None:
-            x = h.index_select(0, index)
-            n = h.shape[0] // lengths.numel()
+            ids = torch.arange(b * n, device=h.device) if index is None else index
             # ids: each kept token's place in its image (frame), where XViT's shift finds its neighbours.
-            tokens = TokenBatch.packed_rows(x, lengths).replace(ids=index % n, num_initial=n)
+            tokens = TokenBatch.packed_rows(x, lengths).replace(ids=ids % n, num_initial=n)
             # Every head runs (HEAD_ATTN: a dropped head attends to itself only, its output is its value; with a
             # key/value shift, which mixes heads' channels across frames, a dropped head's q, k, v are zeros).
             qkv = tokens.padded(F.linear(x, attn.qkv.weight, attn.qkv.bias))
             qkv = qkv.reshape(qkv.shape[0], qkv.shape[1], 3, heads, dh)
             zeroed = heads_kept is not None and not self.head_attn
             if zeroed:
-                qkv = qkv * (heads_kept > 0.5).to(qkv.dtype)[:, None, None, :, None]
+                qkv = qkv * heads_kept.to(qkv.dtype)[:, None, None, :, None]
             q, k, v = qkv.permute(2, 0, 3, 1, 4)
             if attn.kv_mixing is not None:
                 k, v = attn.kv_mixing(k, tokens), attn.kv_mixing(v, tokens)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=tokens.key_mask(), **scale)
             if zeroed:
-                out = out * (heads_kept > 0.5).to(out.dtype)[:, :, None, None]
+                out = out * heads_kept.to(out.dtype)[:, :, None, None]
             elif heads_kept is not None:
-                out = torch.where(heads_kept[:, :, None, None] > 0.5, out, v)
+                out = torch.where(heads_kept[:, :, None, None], out, v)
             out = tokens.unpadded(out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], c))
             return F.linear(out, attn.proj.weight, attn.proj.bias)
-        rows = index.shape[0]
-        # q, k, v per head for the rows of the images that keep it (head-major, images and tokens in order), then
-        # one attention call over every kept (image, head) pair, each padded to the longest.
-        image_of_row = torch.repeat_interleave(torch.arange(lengths.numel(), device=h.device), lengths)
-        kept = (heads_kept > 0.5) & (lengths > 0)[:, None]  # [B, H]
-        weight, bias = head_major_qkv(attn.qkv, heads)
-        # The rows of every head, head-major (images and tokens in order); each head's q, k, v are written into its
-        # slice of one buffer. A head every image keeps reads the kept tokens as they are (always at batch 1), a
-        # head some images drop reads its images' rows, gathered.
+        out = x.new_zeros(x.shape[0], heads, dh)
+        self._pair_attention(x, lengths, heads_kept, *head_major_qkv(attn.qkv, heads), out, scale)
+        return F.linear(out.view(x.shape[0], c), attn.proj.weight, attn.proj.bias)
+
+    @staticmethod
+    def _one_image_attention(x: Tensor, kept: List[bool], weight: Tensor, bias: Optional[Tensor], out: Tensor,
+                             scale: dict) -> None:
+        """One image's attention over all its rows x [R, C] for the heads it keeps, written into out [R, H, dh]: one
+        product and one attention call per run of consecutive kept heads (their weights are one contiguous
+        view, no copy)."""
+        rows, c = x.shape
+        dh = out.shape[2]
+        start = None
+        for j, keep in enumerate(kept + [False]):
+            if keep and start is None:
+                start = j
+            elif not keep and start is not None:
+                w = weight[start:j].view(-1, c)
+                qkv = F.linear(x, w, None if bias is None else bias[start:j].view(-1))
+                q, k, v = qkv.view(rows, j - start, 3, dh).permute(2, 1, 0, 3)
+                out[:, start:j] = F.scaled_dot_product_attention(q, k, v, **scale).transpose(0, 1)
+                start = None
+
+    @staticmethod
+    def _pair_attention(x: Tensor, lengths: Tensor, kept: Tensor, weight: Tensor, bias: Optional[Tensor],
+                        out: Tensor, scale: dict) -> None:
+        """Attention of every kept (image, head) pair, written into out [R, H, dh], x [R, C] the kept tokens
+        (lengths[b] of image b, in order), kept [B, H]: q, k, v per head for the rows of the images that keep it
+        (head-major, images and tokens in order), then one attention call over every pair, each padded to the
+        longest."""
+        rows, heads, dh = out.shape
+        image_of_row = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device), lengths)
+        kept = kept & (lengths > 0)[:, None]  # [B, H]
+        # The rows of every head, head-major; each head's q, k, v are written into its slice of one buffer. A
+        # head every image keeps reads the kept tokens as they are, a head some images drop its images' rows.
         head_of, row_of = torch.nonzero(kept[image_of_row].t(), as_tuple=True)
         counts = torch.bincount(head_of, minlength=heads).tolist()
-        out = h.new_zeros(rows, heads, dh)  # the dropped heads' channels stay 0
-        if sum(counts):
-            x = h.index_select(0, index)  # [R, C] the kept tokens
-            qkv = x.new_empty(sum(counts), 3 * dh)
-            start = 0
-            for j, count in enumerate(counts):
-                if count:
-                    end = start + count
-                    rows_j = x if count == rows else x.index_select(0, row_of[start:end])
-                    if bias[j] is None:
-                        torch.mm(rows_j, weight[j].t(), out=qkv[start:end])
-                    else:
-                        torch.addmm(bias[j], rows_j, weight[j].t(), out=qkv[start:end])
-                    start = end
-            pair_head, pair_image = torch.nonzero(kept.t(), as_tuple=True)  # head-major, as the rows of x
-            pair_len = lengths[pair_image]
-            slots = torch.arange(int(pair_len.max()), device=h.device)
-            valid = slots < pair_len[:, None]  # [P, W]
-            source = ((pair_len.cumsum(0) - pair_len)[:, None] + slots).clamp(max=qkv.shape[0] - 1)
-            # Gathered as [3, P * W, dh]: q, k and v come out contiguous.
-            q, k, v = qkv.view(-1, 3, dh).transpose(0, 1).index_select(1, source.view(-1)).view(3, *valid.shape, dh)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, :], **scale)
-            row = (lengths.cumsum(0) - lengths)[pair_image][:, None] + slots
-            out.view(-1, dh).index_copy_(0, (row * heads + pair_head[:, None])[valid], o[valid].to(out.dtype))
-        return F.linear(out.view(rows, c), attn.proj.weight, attn.proj.bias)
+        if not sum(counts):
+            return
+        qkv = x.new_empty(sum(counts), 3 * dh)
+        start = 0
+        for j, count in enumerate(counts):
+            if count:
+                end = start + count
+                rows_j = x if count == rows else x.index_select(0, row_of[start:end])
+                if bias is None:
+                    torch.mm(rows_j, weight[j].t(), out=qkv[start:end])
+                else:
+                    torch.addmm(bias[j], rows_j, weight[j].t(), out=qkv[start:end])
+                start = end
+        pair_head, pair_image = torch.nonzero(kept.t(), as_tuple=True)  # head-major, as the rows of qkv
+        pair_len = lengths[pair_image]
+        slots = torch.arange(int(pair_len.max()), device=x.device)
+        valid = slots < pair_len[:, None]  # [P, W]
+        source = ((pair_len.cumsum(0) - pair_len)[:, None] + slots).clamp(max=qkv.shape[0] - 1)
+        # Gathered as [3, P * W, dh]: q, k and v come out contiguous.
+        q, k, v = qkv.view(-1, 3, dh).transpose(0, 1).index_select(1, source.view(-1)).view(3, *valid.shape, dh)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=valid[:, None, :], **scale)
+        row = (lengths.cumsum(0) - lengths)[pair_image][:, None] + slots
+        out.view(-1, dh).index_copy_(0, (row * heads + pair_head[:, None])[valid], o[valid].to(out.dtype))
 
-    def _packed_mlp(self, block: Block, hidden: Tensor, heads: Optional[Tensor]) -> Tensor:
-        """MLP output [R, C] of the normed tokens `hidden` [R, C]; `heads` [R, H] 1 for the kept heads."""
+    def _packed_mlp(self, block: Block, hidden: Tensor, heads: Optional[Tensor], index: Optional[Tensor],
+                    n: int) -> Tensor:
+        """MLP output [R, C] of the normed tokens `hidden` [R, C] at rows `index` (None: every row, n per image);
+        `heads` [B, H] the kept heads."""
         mlp = block.mlp
-        if heads is None:
+        if heads is None or self.head_attn:
             return mlp(hidden)
+        if heads.shape[0] > 1:  # each row's image's heads
+            heads = heads.repeat_interleave(n, dim=0) if index is None else \
+                heads.index_select(0, torch.div(index, n, rounding_mode="floor"))
+        heads = heads.to(hidden.dtype)
         if self.head_v2:  # fc1's hidden units of the dropped heads' channels are 0 (bias included)
             z = mlp.fc1(hidden)
             z = (z.view(z.shape[0], heads.shape[1], -1) * heads[:, :, None]).view_as(z)
@@ -414,25 +470,27 @@ class AdaViTVisionTransformer(VisionTransformer):
         self.last_decisions: List[Decisions] = []
         # With `trace_hidden` set, every block's output [B, N, C] (for parity and inspection).
         self.last_hidden = [] if getattr(self, "trace_hidden", False) else None
-        counts = []
         for i, block in enumerate(self.blocks):
             h = block.norm1(x)
             d = self.decisions(i, block, x, h)
             self.last_decisions.append(d)
             x = self.packed_block(block, x, h, d) if packed else self.masked_block(block, x, h, d)
-            counts.append(self._token_counts(d, x.shape[:2]))
             if self.last_hidden is not None:
                 self.last_hidden.append(x.detach().clone())
         tokens = TokenBatch.dense(self.norm(x), self.token_execution)
-        tokens.token_counts = counts
+        tokens.token_counts = self._token_counts(x.shape[:2])
         return tokens
 
-    def _token_counts(self, d: Decisions, shape) -> Tensor:
-        """[B, 2] the tokens the block's token decision kept, in both columns (the kept-token statistics; whether
-        a branch ran, and whether dropped tokens skip the MLP, are in `usage_per_block` and `macs_per_image`)."""
+    def _token_counts(self, shape) -> List[Tensor]:
+        """Per block [B, 2] the tokens its token decision kept, in both columns (the kept-token statistics; whether
+        a branch ran, and whether dropped tokens skip the MLP, are in `usage_per_block` and `macs_per_image`),
+        counted for all blocks at once."""
         b, n = shape
-        kept = (d.tokens > 0.5).sum(dim=1) if d.tokens is not None else torch.full((b,), n, device=self.pos_embed.device)
-        return torch.stack([kept, kept], dim=1)
+        full = torch.full((b,), n, device=self.pos_embed.device)
+        decided = [d.tokens for d in self.last_decisions if d.tokens is not None]
+        kept = iter((torch.stack(decided, dim=1) > 0.5).sum(dim=2).unbind(1) if decided else ())
+        counts = torch.stack([next(kept) if d.tokens is not None else full for d in self.last_decisions], dim=1)
+        return list(counts[:, :, None].expand(-1, -1, 2).unbind(1))
 
     # ------------------------------------------------------------------ what the decisions cost and use
     def stacked_decisions(self) -> Dict[str, Optional[Tensor]]:
