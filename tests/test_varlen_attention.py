@@ -1,5 +1,6 @@
 """Packed images of different lengths attend through torch's variable-length attention on CUDA (no padding to
-the longest image) and through the padded, masked path elsewhere (VIT.VARLEN_ATTENTION). The kernel needs a GPU;
+the longest image), one image at a time on a CPU, and through the padded, masked path with VIT.VARLEN_ATTENTION
+False (or on a GPU without the kernel). The kernel needs a GPU;
 on the CPU the tests put an exact emulation of its contract (q, k, v [T, heads, dh], cumulative starts, the
 longest length) in its place, so that the packing around it, the dispatch and the fallbacks are checked
 everywhere, and the real kernel where a GPU is present."""
@@ -110,6 +111,34 @@ def test_methods_that_read_the_padded_attention_keep_the_padded_path(emulated):
 
 def test_cpu_float32_has_no_kernel():
     assert not vit_module.varlen_supported(torch.zeros(3, 8))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_cpu_attends_image_by_image_without_the_kernel(monkeypatch, train):
+    """Without the kernel (a CPU), packed images of unequal lengths attend one image at a time, unpadded: the same
+    logits and, in training, the same gradients as the padded path; explicit products for small inference."""
+    calls = []
+    attend_rows = vit_module.Attention.attend_rows
+    monkeypatch.setattr(vit_module.Attention, "attend_rows", lambda self, q, k, v: calls.append(q.shape[0]) or
+                        attend_rows(self, q, k, v))
+    images = torch.randn(5, 3, 112, 112, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for varlen in (False, True):
+        model = _ats(varlen).train(train)
+        with torch.set_grad_enabled(train):
+            logits = model(images)
+        grads = {}
+        if train:
+            logits.logsumexp(dim=1).sum().backward()
+            grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[varlen] = (logits.detach(), grads, len(calls))
+    (padded, padded_grads, padded_calls), (unpadded, grads, unpadded_calls) = results[False], results[True]
+    assert padded_calls == 0 and unpadded_calls == 5 * (12 - 5)  # every image in each plain block after ATS
+    assert len(set(calls)) > 1  # images of different lengths
+    assert (unpadded - padded).abs().max() <= 1e-5
+    assert grads.keys() == padded_grads.keys() and len(grads) > 0 or not train
+    for name, grad in grads.items():
+        assert (grad - padded_grads[name]).abs().max() <= 1e-5 * max(1.0, padded_grads[name].abs().max()), name
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or vit_module.varlen_attn is None,

@@ -57,9 +57,10 @@ _C.VIT.TOKEN_EXECUTION = "packed"
 # Attention kernel: True: torch's fused scaled_dot_product_attention; False: softmax(Q K^T * scale) V computed
 # explicitly, the order of operations of the official code (closer to it in float32, slower).
 _C.VIT.FUSED_ATTENTION = True
-# Packed images of different lengths (token methods at batch > 1): True attends with torch's variable-length
-# attention where it runs (CUDA, half precision, torch >= 2.10; no padding to the longest image), False always
-# pads and masks. Results are the same (tests/test_varlen_attention.py).
+# Packed images of different lengths (token methods at batch > 1): True attends without padding to the longest
+# image, with torch's variable-length attention where it runs (CUDA, half precision, torch >= 2.10) and one image
+# at a time on a CPU (a GPU without the kernel pads); False always pads and masks. Results are the same
+# (tests/test_varlen_attention.py).
 _C.VIT.VARLEN_ATTENTION = True
 
 # ---------------------------------------------------------------- training

@@ -24,6 +24,7 @@ import re
 from typing import List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vitadapt.config import register_config
@@ -49,6 +50,7 @@ class AdaptiveTokenSampler(TokenAdapter):
         self.score_padding = score_padding
         self.last_num_kept: Optional[Tensor] = None  # [B], CLS included
         self._last_selection = None  # (ids, index, valid) of the last forward, read by last_kept_ids
+        self._steps = None  # see _sample_steps
 
     def num_samples(self, n_live: Tensor, num_initial: int) -> Tensor:
         """[B] number M of inverse-transform samples for images with n_live tokens (CLS included)."""
@@ -87,9 +89,10 @@ class AdaptiveTokenSampler(TokenAdapter):
         without a budget the number of samples is the same for every image."""
         b, n = cls_attention.shape[0], cls_attention.shape[-1]
         live = None if tokens.all_live else tokens.live_mask()[:, 1:]  # [B, N-1] patch slots holding a live token
-        v_norm = values.transpose(1, 2).reshape(b, n, -1).float().norm(dim=-1)
-        scores = (cls_attention.float().sum(dim=1) * v_norm)[:, 1:]
-        scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0).clamp(min=0)
+        v_norm = _float(values.transpose(1, 2).reshape(b, n, -1)).norm(dim=-1)
+        scores = (_float(cls_attention).sum(dim=1) * v_norm)[:, 1:]
+        # Attention weights and norms are >= 0: only NaN and inf (no finite negative) need replacing.
+        scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
         if live is not None:
             scores = scores * live
         scores = scores / scores.sum(dim=1, keepdim=True).clamp(min=torch.finfo(scores.dtype).tiny)
@@ -125,8 +128,8 @@ class AdaptiveTokenSampler(TokenAdapter):
         picked = torch.zeros_like(order, dtype=torch.bool).scatter_(1, picks, 1) | degenerate
         if live is not None:
             picked = picked & sorted_live
-        index = torch.cat([order.new_zeros(b, 1), order + 1], dim=1)
-        valid = torch.cat([picked.new_ones(b, 1), picked], dim=1)
+        index = F.pad(order + 1, (1, 0), value=0)  # CLS first, kept
+        valid = F.pad(picked, (1, 0), value=True)
         return index, valid
 
     def sample_points(self, tokens: TokenBatch, ys_start: Tensor) -> Tensor:
@@ -139,13 +142,22 @@ class AdaptiveTokenSampler(TokenAdapter):
             last = (m - 1).clamp(min=1).to(ys_start.dtype)
         else:  # the official M = N0 - 1, the same for every image (a Python number divides exactly as a tensor)
             m = tokens.num_initial - 1
-            k = torch.arange(m, device=ys_start.device, dtype=ys_start.dtype)
             last = max(m - 1, 1)
+            k, k_scaled = self._sample_steps(m, last, ys_start)
+            ys = (k_scaled - ys_start * k) / last + ys_start
+            return ys if m > 1 else torch.ones_like(ys)
         # The official arithmetic, kept as written so that nearest-CDF ties resolve identically.
         ys = (k / last * last - ys_start * k) / last + ys_start
-        if isinstance(m, int):
-            return ys if m > 1 else torch.ones_like(ys)
         return torch.where(m == 1, 1.0, ys)
+
+    def _sample_steps(self, m: int, last: int, like: Tensor):
+        """(k, k / last * last) for k = 0..m-1, the part of the official sample points that does not depend on the
+        image, computed once per (m, device, dtype)."""
+        key = (m, last, like.device, like.dtype)
+        if self._steps is None or self._steps[0] != key:
+            k = torch.arange(m, device=like.device, dtype=like.dtype)
+            self._steps = (key, k, k / last * last)
+        return self._steps[1], self._steps[2]
 
     def zero_score_slots(self, tokens: TokenBatch) -> Tensor:
         """[B] zero-score slots the official layout puts before this image's tokens (see the module doc)."""
@@ -154,6 +166,10 @@ class AdaptiveTokenSampler(TokenAdapter):
             return torch.zeros_like(n_live)
         width = tokens.num_initial if self.score_padding == "full" else n_live.max()
         return width - n_live
+
+
+def _float(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def nearest_first(cdf: Tensor, ys: Tensor) -> Tensor:

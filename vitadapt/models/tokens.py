@@ -158,12 +158,15 @@ class TokenBatch:
             return self.with_keep(keep & self.live_mask())
         # Padded position p of image b is row first_row[b] + p of x flattened (packed: image b's rows start at
         # the sum of the earlier lengths), so one index_select moves the kept tokens, without padding first.
-        if self.is_packed and not self.uniform:
-            first_row = self.lengths.cumsum(0) - self.lengths
+        if self.batch_size == 1:
+            rows = index[valid]
         else:
-            width = self.width if self.is_packed else self.x.shape[1]
-            first_row = torch.arange(0, self.batch_size * width, width, device=self.x.device)
-        rows = (index + first_row[:, None])[valid]
+            if self.is_packed and not self.uniform:
+                first_row = self.lengths.cumsum(0) - self.lengths
+            else:
+                width = self.width if self.is_packed else self.x.shape[1]
+                first_row = torch.arange(0, self.batch_size * width, width, device=self.x.device)
+            rows = (index + first_row[:, None])[valid]
         x, ids = self.x.reshape(-1, self.x.shape[-1]), self.ids.reshape(-1)
         return self._packed(x.index_select(0, rows), ids.index_select(0, rows), valid.sum(dim=1))
 
@@ -234,6 +237,11 @@ class TokenBatch:
             flat_index = (torch.arange(lengths.numel(), device=x.device)[:, None] * width + slots)[slots < lengths[:, None]]
         return self.replace(x=x, ids=ids, keep=None, lengths=lengths, flat_index=flat_index, width=width,
                             uniform=uniform)
+
+    def image_slices(self) -> List[slice]:
+        """The rows of each image of a packed batch, as slices of x."""
+        ends = self.lengths.cumsum(0).tolist()
+        return [slice(start, end) for start, end in zip([0] + ends[:-1], ends)]
 
     def counts_per_block(self) -> Tensor:
         """[B, depth, 2] live tokens at each block's attention and MLP."""
