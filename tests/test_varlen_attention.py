@@ -119,8 +119,8 @@ def test_cpu_attends_image_by_image_without_the_kernel(monkeypatch, train):
     logits and, in training, the same gradients as the padded path; explicit products for small inference."""
     calls = []
     attend_rows = vit_module.Attention.attend_rows
-    monkeypatch.setattr(vit_module.Attention, "attend_rows", lambda self, q, k, v: calls.append(q.shape[0]) or
-                        attend_rows(self, q, k, v))
+    monkeypatch.setattr(vit_module.Attention, "attend_rows", lambda self, qkv: calls.append(qkv.shape[0]) or
+                        attend_rows(self, qkv))
     images = torch.randn(5, 3, 112, 112, generator=torch.Generator().manual_seed(3))
     results = {}
     for varlen in (False, True):

@@ -84,9 +84,9 @@ def gumbel_sigmoid(logits: Tensor, threshold: float, tau: float, training: bool,
 
 def head_major_qkv(qkv: nn.Linear, heads: int) -> Tuple[Tensor, Optional[Tensor]]:
     """qkv's weight as [heads, 3 * dh, C] (each head's q, k, v rows contiguous, for one product per head or per
-    run of heads) and its bias as [heads, 3 * dh] (None without one). The copy is kept until the weights change (their version counter moves with
-    every in-place update: an optimizer step, a checkpoint load), so that inference copies them once, not per
-    forward (at batch 1 the copy cost as much as a tenth of the block)."""
+    run of heads) and its bias as [heads, 3 * dh] (None without one). The copy is kept until the weights change
+    (their version counter moves with every in-place update: an optimizer step, a checkpoint load), so that
+    inference copies them once, not per forward (at batch 1 the copy cost as much as a tenth of the block)."""
     versions = (heads, qkv.weight._version, None if qkv.bias is None else qkv.bias._version)
     cached = getattr(qkv, "_head_major", None)
     if cached is None or cached[0] is not qkv.weight or cached[1] != versions:
@@ -347,8 +347,8 @@ class AdaViTVisionTransformer(VisionTransformer):
         heads, dh = attn.num_heads, c // attn.num_heads
         # An explicit qk_scale (T2T-ViT's embed_dim**-0.5) as the backbone's Attention passes it; else the default.
         scale = {} if attn.qk_scale is None else {"scale": attn.qk_scale}
-        per_image = self.per_image_attention
-        if not self.head_attn and attn.kv_mixing is None and (x.device.type == "cpu" if per_image is None else per_image):
+        per_image = x.device.type == "cpu" if self.per_image_attention is None else self.per_image_attention
+        if per_image and not self.head_attn and attn.kv_mixing is None:
             # Per image, over its kept tokens, one product and one attention call per run of consecutive kept heads:
             # no padding, no gathered q, k, v. On a CPU faster than the pairs below at batch 1 to 64 (measured); on
             # a GPU one call over all pairs saves a launch per image and run.

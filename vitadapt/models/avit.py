@@ -219,7 +219,10 @@ class AViTVisionTransformer(VisionTransformer):
         running = cumulative < 1 - self.halting_eps
         running = running if live is None else running & live
         running_f = running.to(y.dtype)
-        state.output = state.output.index_add(0, slot, (remainder * reached + h * running_f).unsqueeze(-1) * y)
+        mixture = (remainder * reached + h * running_f).unsqueeze(-1) * y
+        # In place where no gradient is recorded: out of place, every block copied the whole [B * N, C] state.
+        state.output = state.output.index_add(0, slot, mixture) if torch.is_grad_enabled() else \
+            state.output.index_add_(0, slot, mixture)
         state.rho = state.rho.index_add(0, slot, live_f + remainder * reached)
         state.remainder = state.remainder.index_add(0, slot, -(running_f * h))
         state.cumulative = state.cumulative.index_add(0, slot, h.detach() * live_f)

@@ -129,17 +129,18 @@ class Attention(nn.Module):
         """Attention of packed tokens x [T, C], each image over its own tokens, without padding: varlen_attn where
         it runs, else (on a CPU) one attention call per image."""
         t, c = x.shape
-        q, k, v = self.qkv(x).view(t, 3, self.num_heads, c // self.num_heads).unbind(1)  # [T, heads, dh] each
+        qkv = self.qkv(x).view(t, 3, self.num_heads, c // self.num_heads)
         if varlen_supported(x):
+            q, k, v = qkv.unbind(1)  # [T, heads, dh] each
             starts = F.pad(tokens.lengths.cumsum(0), (1, 0)).to(torch.int32)  # [B + 1] first row of each image
             out = varlen_attn(q, k, v, starts, starts, tokens.width, tokens.width, scale=self.scale)
         else:
-            out = torch.cat([self.attend_rows(q[rows], k[rows], v[rows]) for rows in tokens.image_slices()])
+            out = torch.cat([self.attend_rows(qkv[rows]) for rows in tokens.image_slices()])
         return self.proj_drop(self.proj(out.reshape(t, c)))
 
-    def attend_rows(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """One sequence's attention, q, k, v and output [N, heads, dh]."""
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    def attend_rows(self, qkv: Tensor) -> Tensor:
+        """One sequence's attention: qkv [N, 3, heads, dh], output [N, heads, dh]."""
+        q, k, v = qkv.permute(1, 2, 0, 3).unbind(0)
         if not self.training and explicit_is_faster(q[None]):
             out = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1) @ v
         else:
