@@ -309,8 +309,9 @@ class AdaViTVisionTransformer(VisionTransformer):
         """The same block computing only what is kept, per image; x is updated in place (no autograd here).
 
         Per-token layers run on the rows of the kept tokens only (flattened over the batch); q, k, v and attention
-        run per kept (image, head) pair; proj and fc1 see the dropped heads' channels as zeros, as in the official
-        computation (their bias is kept, so a block without a kept head still adds the biases' effect)."""
+        only for the kept (image, head) pairs (see _packed_attention); proj and fc1 see the dropped heads' channels
+        as zeros, as in the official computation (their bias is kept, so a block without a kept head still adds the
+        biases' effect)."""
         b, n, c = x.shape
         flat = x.view(b * n, c)
         tokens = None if d.tokens is None else d.tokens > 0.5  # [B, N]
