@@ -346,8 +346,7 @@ class AdaViTVisionTransformer(VisionTransformer):
         b, n, c = h.shape
         x = h.view(b * n, c) if index is None else h.view(b * n, c).index_select(0, index)  # [R, C]
         heads, dh = attn.num_heads, c // attn.num_heads
-        # An explicit qk_scale (T2T-ViT's embed_dim**-0.5) as the backbone's Attention passes it; else the default.
-        scale = {} if attn.qk_scale is None else {"scale": attn.qk_scale}
+        scale = attn.fused_scale
         per_image = x.device.type == "cpu" if self.per_image_attention is None else self.per_image_attention
         if per_image and not self.head_attn and attn.kv_mixing is None:
             # Per image, over its kept tokens, one product and one attention call per run of consecutive kept heads:
@@ -358,8 +357,8 @@ class AdaViTVisionTransformer(VisionTransformer):
             out, start = x.new_zeros(x.shape[0], heads, dh), 0  # the dropped heads' channels stay 0
             for length, kept in zip(lengths, [[True] * heads] * b if heads_kept is None else heads_kept.tolist()):
                 if length:
-                    self._one_image_attention(x[start:start + length], kept, weight, bias, out[start:start + length],
-                                              scale)
+                    self._one_image_attention(attn, x[start:start + length], kept, weight, bias,
+                                              out[start:start + length])
                     start += length
             return F.linear(out.view(x.shape[0], c), attn.proj.weight, attn.proj.bias)
         lengths = torch.full((b,), n, device=h.device) if rows is None else rows.sum(dim=1)
@@ -389,11 +388,11 @@ class AdaViTVisionTransformer(VisionTransformer):
         return F.linear(out.view(x.shape[0], c), attn.proj.weight, attn.proj.bias)
 
     @staticmethod
-    def _one_image_attention(x: Tensor, kept: List[bool], weight: Tensor, bias: Optional[Tensor], out: Tensor,
-                             scale: dict) -> None:
+    def _one_image_attention(attn, x: Tensor, kept: List[bool], weight: Tensor, bias: Optional[Tensor],
+                             out: Tensor) -> None:
         """One image's attention over all its rows x [R, C] for the heads it keeps, written into out [R, H, dh]: one
-        product and one attention call per run of consecutive kept heads (their weights are one contiguous
-        view, no copy)."""
+        product (the run's weights are one contiguous view of the head-major ones, no copy) and one call of the
+        backbone's per-sequence attention per run of consecutive kept heads."""
         rows, c = x.shape
         dh = out.shape[2]
         start = None
@@ -401,10 +400,8 @@ class AdaViTVisionTransformer(VisionTransformer):
             if keep and start is None:
                 start = j
             elif not keep and start is not None:
-                w = weight[start:j].view(-1, c)
-                qkv = F.linear(x, w, None if bias is None else bias[start:j].view(-1))
-                q, k, v = qkv.view(rows, j - start, 3, dh).permute(2, 1, 0, 3)
-                out[:, start:j] = F.scaled_dot_product_attention(q, k, v, **scale).transpose(0, 1)
+                qkv = F.linear(x, weight[start:j].view(-1, c), None if bias is None else bias[start:j].view(-1))
+                out[:, start:j] = attn.attend_rows(qkv.view(rows, j - start, 3, dh).transpose(1, 2))
                 start = None
 
     @staticmethod
@@ -487,10 +484,11 @@ class AdaViTVisionTransformer(VisionTransformer):
         a branch ran, and whether dropped tokens skip the MLP, are in `usage_per_block` and `macs_per_image`),
         counted for all blocks at once."""
         b, n = shape
-        full = torch.full((b,), n, device=self.pos_embed.device)
-        decided = [d.tokens for d in self.last_decisions if d.tokens is not None]
-        kept = iter((torch.stack(decided, dim=1) > 0.5).sum(dim=2).unbind(1) if decided else ())
-        counts = torch.stack([next(kept) if d.tokens is not None else full for d in self.last_decisions], dim=1)
+        counts = torch.full((b, len(self.last_decisions)), n, device=self.pos_embed.device)
+        decided = [i for i, d in enumerate(self.last_decisions) if d.tokens is not None]
+        if decided:
+            tokens = torch.stack([self.last_decisions[i].tokens for i in decided], dim=1)
+            counts[:, decided] = (tokens > 0.5).sum(dim=2)
         return list(counts[:, :, None].expand(-1, -1, 2).unbind(1))
 
     # ------------------------------------------------------------------ what the decisions cost and use

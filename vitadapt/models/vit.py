@@ -30,9 +30,9 @@ SMALL_ATTENTION_LOGITS = 2 ** 18
 
 
 def explicit_is_faster(q: Tensor) -> bool:
-    """Whether self-attention with queries q [B, heads, N, dh] runs faster explicitly (small, on the CPU)."""
-    b, heads, n, _ = q.shape
-    return q.device.type == "cpu" and b * heads * n * n <= SMALL_ATTENTION_LOGITS
+    """Whether self-attention with queries q [..., N, dh] (e.g. [B, heads, N, dh]) runs faster explicitly (small,
+    on the CPU)."""
+    return q.device.type == "cpu" and q.numel() // q.shape[-1] * q.shape[-2] <= SMALL_ATTENTION_LOGITS
 
 
 def varlen_supported(x: Tensor) -> bool:
@@ -94,9 +94,9 @@ class Attention(nn.Module):
             mask = key_mask
             if bias is not None:  # an additive bias before the softmax is a float mask to the fused kernel
                 mask = bias if key_mask is None else bias.masked_fill(~key_mask, float("-inf"))
-            scale = {} if self.qk_scale is None else {"scale": self.qk_scale}
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                 dropout_p=self.attn_drop if self.training else 0.0, **scale)
+                                                 dropout_p=self.attn_drop if self.training else 0.0,
+                                                 **self.fused_scale)
         if adapter is not None:  # e.g. per-image head selection, before the heads are merged
             out = adapter.attention_heads(tokens, out)
             if adapter.observes_attention:
@@ -139,14 +139,19 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(out.reshape(t, c)))
 
     def attend_rows(self, qkv: Tensor) -> Tensor:
-        """One sequence's attention: qkv [N, 3, heads, dh], output [N, heads, dh]."""
+        """One sequence's attention: qkv [N, 3, heads, dh] (any number of heads), output [N, heads, dh]."""
         q, k, v = qkv.permute(1, 2, 0, 3).unbind(0)
-        if not self.training and explicit_is_faster(q[None]):
+        if not self.training and explicit_is_faster(q):
             out = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1) @ v
         else:
-            scale = {} if self.qk_scale is None else {"scale": self.qk_scale}
-            out = F.scaled_dot_product_attention(q, k, v, **scale)
+            out = F.scaled_dot_product_attention(q, k, v, **self.fused_scale)
         return out.transpose(0, 1)
+
+    @property
+    def fused_scale(self) -> dict:
+        """The logit scale for scaled_dot_product_attention: an explicit qk_scale (T2T-ViT's embed_dim**-0.5), else
+        the kernel's own default (head_dim**-0.5)."""
+        return {} if self.qk_scale is None else {"scale": self.qk_scale}
 
 
 class PaddedPatchEmbed(nn.Module):
