@@ -6,6 +6,7 @@ takes well under a second after the imports.
 
 import argparse
 import logging
+import platform
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def test_train_then_test_returns_zero_and_writes_outputs(trained_run):
     ck = h.load_ckpt(h.ckpt_path(out, 2))
     assert ck["epoch"] == 2
     assert {"model_state", "optimizer_state", "rng_states", "cfg"} <= set(ck)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":  # KEEP_FREED_CPU_MEMORY, on by default
+        assert "CPU allocator: keeps freed memory" in (out / "stdout.log").read_text()
 
 
 def test_saved_config_reloads_to_the_same_values(trained_run):

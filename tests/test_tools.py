@@ -1,8 +1,9 @@
 """tools/benchmark.py and tools/visualize.py on tiny models (no timing thresholds: only what can be checked)."""
 
 import json
-import re
 import os
+import platform
+import re
 
 import pytest
 import torch
@@ -32,6 +33,9 @@ def test_benchmark_compares_two_models_side_by_side(tmp_path):
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["threads"] == torch.get_num_threads() and report["init"] == "sharpened"
+    # Both models measured under an allocator that reuses freed memory (KEEP_FREED_CPU_MEMORY, on by default).
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert report["cpu_allocator"] == ("keeps freed memory" if glibc else "system default")
     first, second = report["models"]
     assert [r["batch"] for r in first["results"]] == [1, 4]
     assert all(r["images_per_s"] > 0 and r["peak_mem_mib"] > 0 for m in (first, second) for r in m["results"])

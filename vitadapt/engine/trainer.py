@@ -22,6 +22,7 @@ from vitadapt.errors import VitadaptError
 from vitadapt.losses import build_loss
 from vitadapt.models import build_model, input_shape
 from vitadapt.utils import checkpoint as cu
+from vitadapt.utils.cpu_memory import configure_cpu_allocator
 from vitadapt.utils import distributed as du
 from vitadapt.utils.logging import log_json_stats, setup_logging, supersede_epoch_records
 from vitadapt.utils.lr_policy import lr_at_epoch
@@ -121,6 +122,9 @@ def prepare(cfg, job: str):
                 f.write(cfg.dump())
         logger.info("%s job, %d process(es), output in %s", job, du.get_world_size(), cfg.OUTPUT_DIR)
     device = select_device(cfg)
+    allocator = configure_cpu_allocator(cfg)
+    if rank == 0 and device.type == "cpu":
+        logger.info("CPU allocator: %s (KEEP_FREED_CPU_MEMORY %s)", allocator, cfg.KEEP_FREED_CPU_MEMORY)
     # Same initial weights on every rank (so DDP and each rank's EMA copy start equal), then per-rank streams
     # for augmentation and dropout.
     seed_everything(cfg.RNG_SEED)
