@@ -6,8 +6,8 @@
 
 For every batch size in BENCHMARK.BATCH_SIZES: images/s, or clips/s for a video model (median over
 BENCHMARK.NUM_REPEATS timed repeats of BENCHMARK.ITERS_PER_REPEAT forward passes, after BENCHMARK.WARMUP_ITERS
-warm-up passes; the models are interleaved repeat by repeat so that both see the same machine load), and the
-peak memory one forward pass adds. Per model: parameters, GMACs per image (per clip: one test view) counted
+warm-up passes; the models are interleaved repeat by repeat so that both see the same machine load; a speed-up is
+the median over the repeats of the two models' ratio within each repeat), and the peak memory one forward pass adds. Per model: parameters, GMACs per image (per clip: one test view) counted
 analytically from the tokens each image kept (mean over the inputs) and by fvcore on the first image. KEY VALUE
 overrides apply to both configs. Weights come from TEST.CHECKPOINT_FILE_PATH when set; inputs are random unless
 --data takes them from the config's TEST.SPLIT. --plot draws throughput vs batch size, one line per config.
@@ -251,6 +251,7 @@ def run(argv=None) -> dict:
             s.results[batch] = {"batch": batch, "gmacs_mean": s.model.macs_per_image().mean().item() / 1e9,
                                 "images_per_s": statistics.median(rates),
                                 "images_per_s_min": min(rates), "images_per_s_max": max(rates),
+                                "images_per_s_repeats": rates,
                                 "peak_mem_mib": s.memory_mib(batch)}
     for s in subjects:
         report["models"].append({"cfg": s.name, "model": s.cfg.MODEL.NAME, "params_m": s.params / 1e6,
@@ -261,7 +262,8 @@ def run(argv=None) -> dict:
         report["compare"] = {"gmacs_ratio": a.costs["gmacs_mean"] / b.costs["gmacs_mean"],
                              "gmacs_ratio_per_batch": {str(k): a.results[k]["gmacs_mean"] / b.results[k]["gmacs_mean"]
                                                        for k in bench.BATCH_SIZES},
-                             "speedup": {str(k): b.results[k]["images_per_s"] / a.results[k]["images_per_s"]
+                             "speedup": {str(k): paired_ratio(b.results[k]["images_per_s_repeats"],
+                                                              a.results[k]["images_per_s_repeats"])
                                          for k in bench.BATCH_SIZES}}
         # The first's speed-up over the second divided by its GMACs reduction (1.0: the whole saving is speed).
         report["compare"]["efficiency"] = {k: report["compare"]["gmacs_ratio_per_batch"][k] / v
@@ -277,6 +279,13 @@ def run(argv=None) -> dict:
         plot_throughput(report, args.plot)
         print(f"plot written to {args.plot}")
     return report
+
+
+def paired_ratio(rates: list, reference_rates: list) -> float:
+    """The median over the repeats of rates[i] / reference_rates[i]: each repeat times the two models back to back,
+    so a change of machine speed between repeats, which moves both, cancels in its ratio (a ratio of the two
+    medians would keep it whenever the two medians come from repeats of different speed)."""
+    return statistics.median(r / ref for r, ref in zip(rates, reference_rates))
 
 
 def print_table(report: dict) -> None:
