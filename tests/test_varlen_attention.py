@@ -115,8 +115,9 @@ def test_cpu_float32_has_no_kernel():
 
 @pytest.mark.parametrize("train", [False, True])
 def test_cpu_attends_image_by_image_without_the_kernel(monkeypatch, train):
-    """Without the kernel (a CPU), packed images of unequal lengths attend one image at a time, unpadded: the same
-    logits and, in training, the same gradients as the padded path; explicit products for small inference."""
+    """Without the kernel (a CPU), packed images of unequal lengths attend one image at a time, unpadded, ATS's
+    second block too (its CLS row and values come per image): the same tokens kept, the same logits and, in
+    training, the same gradients as the padded path; explicit products for small inference."""
     calls = []
     attend_rows = vit_module.Attention.attend_rows
     monkeypatch.setattr(vit_module.Attention, "attend_rows", lambda self, qkv: calls.append(qkv.shape[0]) or
@@ -131,9 +132,10 @@ def test_cpu_attends_image_by_image_without_the_kernel(monkeypatch, train):
         if train:
             logits.logsumexp(dim=1).sum().backward()
             grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        results[varlen] = (logits.detach(), grads, len(calls))
-    (padded, padded_grads, padded_calls), (unpadded, grads, unpadded_calls) = results[False], results[True]
-    assert padded_calls == 0 and unpadded_calls == 5 * (12 - 5)  # every image in each plain block after ATS
+        results[varlen] = (logits.detach(), grads, len(calls), model.last_num_kept)
+    (padded, padded_grads, padded_calls, padded_kept), (unpadded, grads, unpadded_calls, kept) = results[False], results[True]
+    assert padded_calls == 0 and unpadded_calls == 5 * (12 - 4)  # every image in every block after ATS's first
+    assert torch.equal(kept, padded_kept) and len(set(kept[0].tolist())) > 1
     assert len(set(calls)) > 1  # images of different lengths
     assert (unpadded - padded).abs().max() <= 1e-5
     assert grads.keys() == padded_grads.keys() and len(grads) > 0 or not train

@@ -67,7 +67,7 @@ class Attention(nn.Module):
         """x: the normed tokens, laid out like tokens.x. Returns (output like x, CLS attention row [B,H,N] or
         None, values [B,H,N,D] or None), the last two in the padded layout."""
         if self.takes_varlen(x, tokens, need_cls_attention, adapter):
-            return self.varlen_forward(x, tokens), None, None
+            return self.varlen_forward(x, tokens, need_cls_attention)
         qkv = tokens.padded(self.qkv(x))  # packed tokens: per-token work stays [T, C], attention is per image
         b, n, c3 = qkv.shape
         c = c3 // 3
@@ -113,9 +113,10 @@ class Attention(nn.Module):
     def takes_varlen(self, x: Tensor, tokens: TokenBatch, need_cls_attention: bool,
                      adapter: Optional[TokenAdapter]) -> bool:
         """Packed images of unequal lengths, a plain attention (nothing a method reads or changes in the padded
-        layout, no key/value mixing, no attention dropout in training), and the kernel runs on x or x is on a CPU
-        (where attending image by image beats padding: 2.5% faster A-ViT forwards at batch 16, 7% at 64)."""
-        if not (self.varlen and tokens.is_packed and not tokens.uniform) or need_cls_attention:
+        layout but the CLS row and the values, no key/value mixing, no attention dropout in training), and the
+        kernel runs on x or x is on a CPU (where attending image by image beats padding: 2.5% faster A-ViT forwards
+        at batch 16, 7% at 64). The CLS row comes with the image-by-image path only (the kernel hides it)."""
+        if not (self.varlen and tokens.is_packed and not tokens.uniform):
             return False
         if self.kv_mixing is not None or not self.fused or (self.training and self.attn_drop > 0):
             return False
@@ -123,20 +124,28 @@ class Attention(nn.Module):
                 getattr(type(adapter), hook) is not getattr(TokenAdapter, hook)
                 for hook in ("attention_heads", "attention_bias"))):
             return False
-        return varlen_supported(x) or x.device.type == "cpu"
+        return x.device.type == "cpu" or (varlen_supported(x) and not need_cls_attention)
 
-    def varlen_forward(self, x: Tensor, tokens: TokenBatch) -> Tensor:
+    def varlen_forward(self, x: Tensor, tokens: TokenBatch, need_cls_attention: bool = False):
         """Attention of packed tokens x [T, C], each image over its own tokens, without padding: varlen_attn where
-        it runs, else (on a CPU) one attention call per image."""
+        it runs, else (on a CPU) one attention call per image. Returns what forward does: the CLS row and the
+        values (padded layout) when asked for, each image's row over its own keys only."""
         t, c = x.shape
-        qkv = self.qkv(x).view(t, 3, self.num_heads, c // self.num_heads)
-        if varlen_supported(x):
+        heads, dh = self.num_heads, c // self.num_heads
+        qkv = self.qkv(x).view(t, 3, heads, dh)
+        cls_attention = values = None
+        if varlen_supported(x) and not need_cls_attention:
             q, k, v = qkv.unbind(1)  # [T, heads, dh] each
             starts = F.pad(tokens.lengths.cumsum(0), (1, 0)).to(torch.int32)  # [B + 1] first row of each image
             out = varlen_attn(q, k, v, starts, starts, tokens.width, tokens.width, scale=self.scale)
         else:
-            out = torch.cat([self.attend_rows(qkv[rows]) for rows in tokens.image_slices()])
-        return self.proj_drop(self.proj(out.reshape(t, c)))
+            images = [qkv[rows] for rows in tokens.image_slices()]
+            out = torch.cat([self.attend_rows(image) for image in images])
+            if need_cls_attention:
+                rows = torch.cat([self.cls_attention_row(image) for image in images], dim=1)  # [heads, T]
+                cls_attention = tokens.padded(rows.t()).transpose(1, 2).contiguous()  # [B, heads, W], 0 as padding
+                values = tokens.padded(qkv[:, 2].reshape(t, c)).view(-1, tokens.width, heads, dh).transpose(1, 2)
+        return self.proj_drop(self.proj(out.reshape(t, c))), cls_attention, values
 
     def attend_rows(self, qkv: Tensor) -> Tensor:
         """One sequence's attention: qkv [N, 3, heads, dh] (any number of heads), output [N, heads, dh]."""
@@ -146,6 +155,12 @@ class Attention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, **self.fused_scale)
         return out.transpose(0, 1)
+
+    def cls_attention_row(self, qkv: Tensor) -> Tensor:
+        """One sequence's CLS attention row: qkv [N, 3, heads, dh], row [heads, N] (the padded path's side product,
+        over this sequence's keys only)."""
+        q, k = qkv[:1, 0].transpose(0, 1), qkv[:, 1].permute(1, 2, 0)  # [heads, 1, dh], [heads, dh, N]
+        return ((q @ k).squeeze(1) * self.scale).softmax(dim=-1)
 
     @property
     def fused_scale(self) -> dict:
