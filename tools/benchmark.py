@@ -7,10 +7,12 @@
 For every batch size in BENCHMARK.BATCH_SIZES: images/s, or clips/s for a video model (median over
 BENCHMARK.NUM_REPEATS timed repeats of BENCHMARK.ITERS_PER_REPEAT forward passes, after BENCHMARK.WARMUP_ITERS
 warm-up passes; the models are interleaved repeat by repeat so that both see the same machine load; a speed-up is
-the median over the repeats of the two models' ratio within each repeat), and the peak memory one forward pass adds. Per model: parameters, GMACs per image (per clip: one test view) counted
-analytically from the tokens each image kept (mean over the inputs) and by fvcore on the first image. KEY VALUE
-overrides apply to both configs. Weights come from TEST.CHECKPOINT_FILE_PATH when set; inputs are random unless
---data takes them from the config's TEST.SPLIT. --plot draws throughput vs batch size, one line per config.
+the median over the repeats of the two models' ratio within each repeat), and the peak memory one forward pass
+adds. Per model: parameters, GMACs per image (per clip: one test view) counted analytically from the tokens each
+image kept (mean over the inputs) and by fvcore on the first image. KEY VALUE overrides apply to both configs.
+Weights come from TEST.CHECKPOINT_FILE_PATH when set; inputs are random unless --data takes them from the config's
+TEST.SPLIT. --plot draws throughput vs batch size, one line per config. On a CPU, the C allocator keeps freed memory
+first (KEEP_FREED_CPU_MEMORY; the JSON's cpu_allocator says what it did).
 """
 
 import argparse

@@ -22,8 +22,8 @@ from vitadapt.errors import VitadaptError
 from vitadapt.losses import build_loss
 from vitadapt.models import build_model, input_shape
 from vitadapt.utils import checkpoint as cu
-from vitadapt.utils.cpu_memory import configure_cpu_allocator
 from vitadapt.utils import distributed as du
+from vitadapt.utils.cpu_memory import configure_cpu_allocator
 from vitadapt.utils.logging import log_json_stats, setup_logging, supersede_epoch_records
 from vitadapt.utils.lr_policy import lr_at_epoch
 from vitadapt.utils.optimizer import build_optimizer

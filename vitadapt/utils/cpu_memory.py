@@ -12,6 +12,7 @@ PyTorch's CPU performance guides advise, also achieve) removes the faults; the p
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import platform
 
@@ -58,5 +59,6 @@ def configure_cpu_allocator(cfg) -> str:
     return allocator_state()
 
 
+@functools.lru_cache(maxsize=None)  # platform.libc_ver reads the interpreter's binary
 def _is_glibc() -> bool:
     return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
