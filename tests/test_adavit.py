@@ -399,6 +399,42 @@ def test_packed_really_skips(crafted):
     assert all(n == 6 * 17 for _, n in seen["masked"]) and len(seen["masked"]) == 8
 
 
+def _matrix_products(model, images):
+    """(logits, number of aten mm / addmm calls) of an eval forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Count():
+        logits = model(images)
+    return logits, Count.calls
+
+
+def test_images_keeping_the_same_heads_share_their_qkv_products(crafted):
+    """On a CPU, packed attention takes the images that keep the same heads together: the batch [a, b, a, b]
+    costs the q, k, v products of [a, b] (one per run of kept heads and group of images, not per image), and
+    its outputs are [a, b]'s, in the batch's order."""
+    config, sd, images = crafted["config"], crafted["sd"], crafted["images"]
+    model = _packed_model(config, sd, "packed")
+    _run(model, images)
+    d = model.stacked_decisions()
+    # Attention runs with kept heads that are not image 0's: b's own products in that block.
+    own = (d["head_select"] != d["head_select"][:1]).any(-1) & (d["head_select"].sum(-1) > 0) & \
+        (d["layer_select"][..., 0] > 0.5)
+    pair = images[[0, int(own.any(-1).nonzero()[0])]]
+    logits, products = _matrix_products(model, pair)
+    interleaved, interleaved_products = _matrix_products(model, pair[[0, 1, 0, 1]])
+    assert interleaved_products == products
+    assert _max_diff(interleaved, logits[[0, 1, 0, 1]]) <= OUT_ATOL
+    _, per_image = _matrix_products(model, images[:1])
+    assert products > per_image  # the products do depend on which heads the batch keeps
+
 # ==============================================================================================================
 # 4. Costs: official table GFLOPs and the MACs packed execution computes
 # ==============================================================================================================

@@ -32,6 +32,7 @@ Backbones: AdaViTVisionTransformer is the official DeiT variant (ada_step_deit_*
 LayerNorm eps 1e-5, no qkv bias, optional qk_scale), the same decisions and block computation through inheritance.
 """
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
@@ -326,7 +327,7 @@ class AdaViTVisionTransformer(VisionTransformer):
             if index is not None and not index.numel():
                 continue
             if branch == "attn":
-                out = self._packed_attention(block, h, index, rows, heads)
+                out, index = self._packed_attention(block, h, index, rows, heads)
             else:
                 hidden = block.norm2(flat if index is None else flat.index_select(0, index))
                 out = self._packed_mlp(block, hidden, heads, index, n)
@@ -338,29 +339,19 @@ class AdaViTVisionTransformer(VisionTransformer):
         return x
 
     def _packed_attention(self, block: Block, h: Tensor, index: Optional[Tensor], rows: Optional[Tensor],
-                          heads_kept: Optional[Tensor]) -> Tensor:
+                          heads_kept: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         """Attention output [R, C] of the R kept tokens of h [B, N, C], at flat rows `index` (rows [B, N] their
-        mask; both None: every token): each image attends over its own kept tokens, each kept (image, head) pair
-        once; heads_kept [B, H] (None: all)."""
+        mask; both None: every token), and the flat rows of the output (`index`, or the same rows in another
+        order): each image attends over its own kept tokens, each kept (image, head) pair once; heads_kept [B, H]
+        (None: all)."""
         attn = block.attn
         b, n, c = h.shape
-        x = h.view(b * n, c) if index is None else h.view(b * n, c).index_select(0, index)  # [R, C]
         heads, dh = attn.num_heads, c // attn.num_heads
         scale = attn.fused_scale
-        per_image = x.device.type == "cpu" if self.per_image_attention is None else self.per_image_attention
+        per_image = h.device.type == "cpu" if self.per_image_attention is None else self.per_image_attention
         if per_image and not self.head_attn and attn.kv_mixing is None:
-            # Per image, over its kept tokens, one product and one attention call per run of consecutive kept heads:
-            # no padding, no gathered q, k, v. On a CPU faster than the pairs below at batch 1 to 64 (measured); on
-            # a GPU one call over all pairs saves a launch per image and run.
-            lengths = [n] * b if rows is None else [x.shape[0]] if b == 1 else rows.sum(dim=1).tolist()
-            weight, bias = head_major_qkv(attn.qkv, heads)
-            out, start = x.new_zeros(x.shape[0], heads, dh), 0  # the dropped heads' channels stay 0
-            for length, kept in zip(lengths, [[True] * heads] * b if heads_kept is None else heads_kept.tolist()):
-                if length:
-                    self._one_image_attention(attn, x[start:start + length], kept, weight, bias,
-                                              out[start:start + length])
-                    start += length
-            return F.linear(out.view(x.shape[0], c), attn.proj.weight, attn.proj.bias)
+            return self._grouped_attention(attn, h, index, rows, heads_kept)
+        x = h.view(b * n, c) if index is None else h.view(b * n, c).index_select(0, index)  # [R, C]
         lengths = torch.full((b,), n, device=h.device) if rows is None else rows.sum(dim=1)
         if heads_kept is None or self.head_attn or attn.kv_mixing is not None:
             ids = torch.arange(b * n, device=h.device) if index is None else index
@@ -382,27 +373,80 @@ class AdaViTVisionTransformer(VisionTransformer):
             elif heads_kept is not None:
                 out = torch.where(heads_kept[:, :, None, None], out, v)
             out = tokens.unpadded(out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], c))
-            return F.linear(out, attn.proj.weight, attn.proj.bias)
+            return F.linear(out, attn.proj.weight, attn.proj.bias), index
         out = x.new_zeros(x.shape[0], heads, dh)
         self._pair_attention(x, lengths, heads_kept, *head_major_qkv(attn.qkv, heads), out, scale)
-        return F.linear(out.view(x.shape[0], c), attn.proj.weight, attn.proj.bias)
+        return F.linear(out.view(x.shape[0], c), attn.proj.weight, attn.proj.bias), index
 
     @staticmethod
-    def _one_image_attention(attn, x: Tensor, kept: List[bool], weight: Tensor, bias: Optional[Tensor],
-                             out: Tensor) -> None:
-        """One image's attention over all its rows x [R, C] for the heads it keeps, written into out [R, H, dh]: one
-        product (the run's weights are one contiguous view of the head-major ones, no copy) and one call of the
-        backbone's per-sequence attention per run of consecutive kept heads."""
+    def _grouped_attention(attn, h: Tensor, index: Optional[Tensor], rows: Optional[Tensor],
+                           heads_kept: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """_packed_attention image by image, without padding or gathered q, k, v: the images that keep the same
+        heads are taken next to each other (their rows reordered, the returned index says where they go), so that
+        each run of consecutive kept heads costs one q, k, v product per group of images, and one call of the
+        backbone's per-sequence attention per image. On a CPU faster than the pairs path at batch 1 to 64."""
+        b, n, c = h.shape
+        heads = attn.num_heads
+        kept = [(True,) * heads] * b if heads_kept is None else [tuple(k) for k in heads_kept.tolist()]
+        order = sorted(range(b), key=kept.__getitem__)  # stable: images in order within a group
+        if len(set(kept)) < b and order != list(range(b)):
+            perm = torch.tensor(order, device=h.device)
+            kept = [kept[i] for i in order]
+            if rows is None:
+                index = (perm[:, None] * n + torch.arange(n, device=h.device)).view(-1)
+            else:
+                rows = rows.index_select(0, perm)
+                place = torch.nonzero(rows.view(-1)).squeeze(1)  # in the reordered batch
+                index = perm[torch.div(place, n, rounding_mode="floor")] * n + place % n
+        x = h.view(b * n, c) if index is None else h.view(b * n, c).index_select(0, index)  # [R, C]
+        lengths = [n] * b if rows is None else [x.shape[0]] if b == 1 else rows.sum(dim=1).tolist()
+        weight, bias = head_major_qkv(attn.qkv, heads)
+        out, start = x.new_zeros(x.shape[0], heads, c // heads), 0  # the dropped heads' channels stay 0
+        for pattern, group in itertools.groupby(zip(kept, lengths), key=lambda image: image[0]):
+            group_lengths = [length for _, length in group]
+            size = sum(group_lengths)
+            if size:
+                AdaViTVisionTransformer._group_attention(attn, x[start:start + size], group_lengths, pattern,
+                                                         weight, bias, out[start:start + size])
+                start += size
+        return F.linear(out.view(x.shape[0], c), attn.proj.weight, attn.proj.bias), index
+
+    @staticmethod
+    def _group_attention(attn, x: Tensor, lengths: List[int], kept: Tuple[bool, ...], weight: Tensor,
+                         bias: Optional[Tensor], out: Tensor) -> None:
+        """The attention of a group of images that keep the same heads, their rows x [R, C] (lengths[i] of image i,
+        in order), for those heads, written into out [R, H, dh]: q, k, v of the kept heads side by side, one product
+        per run of consecutive kept heads (the run's weights are one contiguous view of the head-major ones, no
+        copy), then one attention call per image over all its kept heads."""
         rows, c = x.shape
         dh = out.shape[2]
-        start = None
-        for j, keep in enumerate(kept + [False]):
-            if keep and start is None:
-                start = j
-            elif not keep and start is not None:
-                qkv = F.linear(x, weight[start:j].view(-1, c), None if bias is None else bias[start:j].view(-1))
-                out[:, start:j] = attn.attend_rows(qkv.view(rows, j - start, 3, dh).transpose(1, 2))
-                start = None
+        runs = _runs_of_true(kept)
+        if not runs:
+            return
+        if len(runs) == 1:
+            (first, end), = runs
+            qkv = F.linear(x, weight[first:end].view(-1, c), None if bias is None else bias[first:end].view(-1))
+            place = slice(first, end)
+        else:
+            qkv, column = x.new_empty(rows, sum(end - first for first, end in runs), 3 * dh), 0
+            for first, end in runs:  # each run's product writes its columns directly
+                columns = qkv[:, column:column + end - first].view(rows, -1)
+                w = weight[first:end].view(-1, c).t()
+                if bias is None:
+                    torch.mm(x, w, out=columns)
+                else:
+                    torch.addmm(bias[first:end].view(-1), x, w, out=columns)
+                column += end - first
+            place = torch.tensor([j for first, end in runs for j in range(first, end)], device=x.device)
+        qkv = qkv.view(rows, -1, 3, dh).transpose(1, 2)  # [R, 3, kept heads, dh]
+        start = 0
+        for length in lengths:
+            image = attn.attend_rows(qkv[start:start + length]).to(out.dtype)  # autocast: bf16 attention
+            if isinstance(place, slice):
+                out[start:start + length, place] = image
+            else:
+                out[start:start + length].index_copy_(1, place, image)
+            start += length
 
     @staticmethod
     def _pair_attention(x: Tensor, lengths: Tensor, kept: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -756,6 +800,17 @@ def official_to_config_opts(config: dict) -> List[str]:
              "ADAVIT.TOKEN_THRESHOLD": float(hard.get("token_threshold", 0.6)),
              "ADAVIT.OFFICIAL_BASE_GFLOPS": float(config.get("flops_base", default_base))}
     return [str(x) for kv in pairs.items() for x in kv]
+
+
+def _runs_of_true(flags) -> List[Tuple[int, int]]:
+    """(first, end) of every run of consecutive True values."""
+    runs, j = [], 0
+    for value, run in itertools.groupby(flags):
+        end = j + len(list(run))
+        if value:
+            runs.append((j, end))
+        j = end
+    return runs
 
 
 def _is_decision_key(key: str) -> bool:
