@@ -61,3 +61,23 @@ def test_analytic_count_equals_fvcore_on_one_image(name):
         with torch.no_grad():
             deit(images[:1])
         assert max(counts) < deit.macs_per_image()[0].item(), "nothing dropped: a wrong count would go unseen"
+
+
+class _Products(torch.nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def forward(self, x):
+        return self.op(x)
+
+
+def test_fvcore_counts_the_scaled_logits_product_and_refuses_an_uncounted_product():
+    """The scaled attention logits (baddbmm with alpha, as Attention.attend_rows computes them) count as their bmm;
+    a matrix product fvcore has no handle for is an error naming it, never a silent 0."""
+    x = torch.randn(1, 3, 5, 4)
+    scaled = _Products(lambda x: torch.baddbmm(x[0].new_empty(()), x[0], x[0].transpose(1, 2), beta=0, alpha=0.5))
+    assert fvcore_macs(scaled, x) == 3 * 5 * 5 * 4
+    summed = _Products(lambda x: torch.addbmm(x.new_zeros(5, 5), x[0], x[0].transpose(1, 2)))
+    with pytest.raises(RuntimeError, match="aten::addbmm"):
+        fvcore_macs(summed, x)
