@@ -159,8 +159,8 @@ class AdaViTVisionTransformer(VisionTransformer):
         self.noise_source: Optional[Callable[[str, Tensor], Tuple[Tensor, Tensor]]] = None
         self.usage_weights, self.official_base_gflops = usage_weights, official_base_gflops
         self._table: Optional[Tensor] = None
-        # Packed attention with head decisions per image (True) or over all (image, head) pairs at once (False);
-        # None: per image on a CPU.
+        # Packed attention with head decisions per image, q, k, v per group of images keeping the same heads (True),
+        # or over all (image, head) pairs at once (False); None: per image on a CPU.
         self.per_image_attention: Optional[bool] = None
 
     def _bias_decisions_to_keep(self, p: float) -> None:
@@ -388,7 +388,10 @@ class AdaViTVisionTransformer(VisionTransformer):
         b, n, c = h.shape
         heads = attn.num_heads
         kept = [(True,) * heads] * b if heads_kept is None else [tuple(k) for k in heads_kept.tolist()]
-        order = sorted(range(b), key=kept.__getitem__)  # stable: images in order within a group
+        first = {}
+        for i, pattern in enumerate(kept):
+            first.setdefault(pattern, i)
+        order = sorted(range(b), key=lambda i: first[kept[i]])  # groups by first image, images in order within
         if len(set(kept)) < b and order != list(range(b)):
             perm = torch.tensor(order, device=h.device)
             kept = [kept[i] for i in order]
