@@ -422,18 +422,35 @@ def test_images_keeping_the_same_heads_share_their_qkv_products(crafted):
     its outputs are [a, b]'s, in the batch's order."""
     config, sd, images = crafted["config"], crafted["sd"], crafted["images"]
     model = _packed_model(config, sd, "packed")
-    _run(model, images)
-    d = model.stacked_decisions()
-    # Attention runs with kept heads that are not image 0's: b's own products in that block.
-    own = (d["head_select"] != d["head_select"][:1]).any(-1) & (d["head_select"].sum(-1) > 0) & \
-        (d["layer_select"][..., 0] > 0.5)
-    pair = images[[0, int(own.any(-1).nonzero()[0])]]
+    # Image 0 and the image that adds the most products of its own to it (other heads kept where attention runs).
+    pair = max((images[[0, j]] for j in range(1, len(images))), key=lambda pair: _matrix_products(model, pair)[1])
     logits, products = _matrix_products(model, pair)
     interleaved, interleaved_products = _matrix_products(model, pair[[0, 1, 0, 1]])
     assert interleaved_products == products
     assert _max_diff(interleaved, logits[[0, 1, 0, 1]]) <= OUT_ATOL
     _, per_image = _matrix_products(model, images[:1])
-    assert products > per_image  # the products do depend on which heads the batch keeps
+    assert products > per_image  # the second image has products of its own
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_packed_equals_masked_with_kept_heads_apart(crafted, autocast):
+    """A block where every image keeps the first and the last head, not the middle one: packed attention joins the
+    q, k, v of two runs of heads, as masked execution zeroes the dropped one (also under bf16 autocast)."""
+    config, sd, images = crafted["config"], dict(crafted["sd"]), crafted["images"]
+    block = 1
+    head = f"blocks.{block}.head_select.mlp_head."
+    sd[head + "weight"], sd[head + "bias"] = torch.zeros_like(sd[head + "weight"]), torch.tensor([50.0, -50.0, 50.0])
+    results = {}
+    for execution in ("masked", "packed"):
+        model = _packed_model(config, sd, execution)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(images).float()
+        results[execution] = logits, model.stacked_decisions()
+    (lm, dm), (lp, dp) = results["masked"], results["packed"]
+    assert (dp["head_select"][:, block - 1] == torch.tensor([1.0, 0.0, 1.0])).all()  # stacked from KEEP_LAYERS 1
+    assert (dp["layer_select"][:, block - 1, 0] == 1).any()  # and the block's attention runs
+    assert torch.equal(dp["head_select"], dm["head_select"])
+    assert _max_diff(lp, lm) <= (0.1 if autocast else OUT_ATOL)  # bf16: the tolerance of the autocast test above
 
 # ==============================================================================================================
 # 4. Costs: official table GFLOPs and the MACs packed execution computes

@@ -392,7 +392,7 @@ class AdaViTVisionTransformer(VisionTransformer):
         for i, pattern in enumerate(kept):
             first.setdefault(pattern, i)
         order = sorted(range(b), key=lambda i: first[kept[i]])  # groups by first image, images in order within
-        if len(set(kept)) < b and order != list(range(b)):
+        if order != list(range(b)):
             perm = torch.tensor(order, device=h.device)
             kept = [kept[i] for i in order]
             if rows is None:
@@ -419,37 +419,26 @@ class AdaViTVisionTransformer(VisionTransformer):
                          bias: Optional[Tensor], out: Tensor) -> None:
         """The attention of a group of images that keep the same heads, their rows x [R, C] (lengths[i] of image i,
         in order), for those heads, written into out [R, H, dh]: q, k, v of the kept heads side by side, one product
-        per run of consecutive kept heads (the run's weights are one contiguous view of the head-major ones, no
-        copy), then one attention call per image over all its kept heads."""
+        per run of consecutive kept heads (the run's weights are one contiguous view of the head-major ones), then
+        one attention call per image over all its kept heads."""
         rows, c = x.shape
-        dh = out.shape[2]
         runs = _runs_of_true(kept)
         if not runs:
             return
-        if len(runs) == 1:
-            (first, end), = runs
-            qkv = F.linear(x, weight[first:end].view(-1, c), None if bias is None else bias[first:end].view(-1))
-            place = slice(first, end)
-        else:
-            qkv, column = x.new_empty(rows, sum(end - first for first, end in runs), 3 * dh), 0
-            for first, end in runs:  # each run's product writes its columns directly
-                columns = qkv[:, column:column + end - first].view(rows, -1)
-                w = weight[first:end].view(-1, c).t()
-                if bias is None:
-                    torch.mm(x, w, out=columns)
-                else:
-                    torch.addmm(bias[first:end].view(-1), x, w, out=columns)
-                column += end - first
-            place = torch.tensor([j for first, end in runs for j in range(first, end)], device=x.device)
-        qkv = qkv.view(rows, -1, 3, dh).transpose(1, 2)  # [R, 3, kept heads, dh]
+        qkv = [F.linear(x, weight[first:end].view(-1, c), None if bias is None else bias[first:end].view(-1))
+               for first, end in runs]
+        qkv = (qkv[0] if len(runs) == 1 else torch.cat(qkv, dim=1)).view(rows, -1, 3, out.shape[2]).transpose(1, 2)
+        heads = slice(*runs[0]) if len(runs) == 1 else \
+            torch.tensor([j for first, end in runs for j in range(first, end)], device=x.device)
         start = 0
         for length in lengths:
-            image = attn.attend_rows(qkv[start:start + length]).to(out.dtype)  # autocast: bf16 attention
-            if isinstance(place, slice):
-                out[start:start + length, place] = image
-            else:
-                out[start:start + length].index_copy_(1, place, image)
-            start += length
+            if length:
+                image = attn.attend_rows(qkv[start:start + length]).to(out.dtype)  # autocast: bf16 attention
+                if isinstance(heads, slice):
+                    out[start:start + length, heads] = image
+                else:
+                    out[start:start + length].index_copy_(1, heads, image)
+                start += length
 
     @staticmethod
     def _pair_attention(x: Tensor, lengths: Tensor, kept: Tensor, weight: Tensor, bias: Optional[Tensor],
