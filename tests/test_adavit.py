@@ -829,9 +829,10 @@ def test_pos_embed_trains_when_asked(tmp_path, image_folder, two_weights):
     assert not torch.equal(state["pos_embed"], deit["pos_embed"])
 
 
-def test_packed_equals_masked_under_autocast():
+@pytest.mark.parametrize("execution", ["packed", "packed pairs"])
+def test_packed_equals_masked_under_autocast(execution):
     """Packed execution writes half-precision block outputs back into the float32 residual stream (CUDA AMP runs
-    it this way; bf16 autocast on the CPU takes the same path)."""
+    it this way; bf16 autocast on the CPU takes the same path), image by image and over all (image, head) pairs."""
     from vitadapt.models.adavit import AdaViTVisionTransformer
     from vitadapt.models.synthetic import calibrate_decisions_
 
@@ -840,13 +841,14 @@ def test_packed_equals_masked_under_autocast():
     images = _images(6, 64)
     calibrate_decisions_(model, images, usage=0.7)
     outputs = {}
-    for execution in ("packed", "masked"):
-        model.token_execution = execution
+    for name in (execution, "masked"):
+        model.token_execution = name.split()[0]
+        model.per_image_attention = name != "packed pairs"
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            outputs[execution] = model(images).float()
-    assert torch.isfinite(outputs["packed"]).all()
+            outputs[name] = model(images).float()
+    assert torch.isfinite(outputs[execution]).all()
     # bf16 rounding differs between the two computations; the decisions may not (bf16 tolerance on the logits).
-    assert _max_diff(outputs["packed"], outputs["masked"]) < 0.1
+    assert _max_diff(outputs[execution], outputs["masked"]) < 0.1
 
 
 @pytest.mark.parametrize("decisions", ["all", "tokens_only"])

@@ -450,23 +450,19 @@ class AdaViTVisionTransformer(VisionTransformer):
         rows, heads, dh = out.shape
         image_of_row = torch.repeat_interleave(torch.arange(lengths.numel(), device=x.device), lengths)
         kept = kept & (lengths > 0)[:, None]  # [B, H]
-        # The rows of every head, head-major; each head's q, k, v are written into its slice of one buffer. A
-        # head every image keeps reads the kept tokens as they are, a head some images drop its images' rows.
+        # The rows of every head, head-major; each head's q, k, v one product, joined. A head every image keeps
+        # reads the kept tokens as they are, a head some images drop its images' rows.
         head_of, row_of = torch.nonzero(kept[image_of_row].t(), as_tuple=True)
         counts = torch.bincount(head_of, minlength=heads).tolist()
         if not sum(counts):
             return
-        qkv = x.new_empty(sum(counts), 3 * dh)
-        start = 0
+        products, start = [], 0
         for j, count in enumerate(counts):
             if count:
-                end = start + count
-                rows_j = x if count == rows else x.index_select(0, row_of[start:end])
-                if bias is None:
-                    torch.mm(rows_j, weight[j].t(), out=qkv[start:end])
-                else:
-                    torch.addmm(bias[j], rows_j, weight[j].t(), out=qkv[start:end])
-                start = end
+                rows_j = x if count == rows else x.index_select(0, row_of[start:start + count])
+                products.append(F.linear(rows_j, weight[j], None if bias is None else bias[j]))
+                start += count
+        qkv = torch.cat(products)  # [sum(counts), 3 * dh], in autocast's precision like every other product
         pair_head, pair_image = torch.nonzero(kept.t(), as_tuple=True)  # head-major, as the rows of qkv
         pair_len = lengths[pair_image]
         slots = torch.arange(int(pair_len.max()), device=x.device)
