@@ -388,21 +388,17 @@ class AdaViTVisionTransformer(VisionTransformer):
         b, n, c = h.shape
         heads = attn.num_heads
         kept = [(True,) * heads] * b if heads_kept is None else [tuple(k) for k in heads_kept.tolist()]
+        lengths = [n] * b if rows is None else [int(index.numel())] if b == 1 else rows.sum(dim=1).tolist()
         first = {}
         for i, pattern in enumerate(kept):
             first.setdefault(pattern, i)
         order = sorted(range(b), key=lambda i: first[kept[i]])  # groups by first image, images in order within
-        if order != list(range(b)):
-            perm = torch.tensor(order, device=h.device)
-            kept = [kept[i] for i in order]
-            if rows is None:
-                index = (perm[:, None] * n + torch.arange(n, device=h.device)).view(-1)
-            else:
-                rows = rows.index_select(0, perm)
-                place = torch.nonzero(rows.view(-1)).squeeze(1)  # in the reordered batch
-                index = perm[torch.div(place, n, rounding_mode="floor")] * n + place % n
+        if order != list(range(b)):  # the same rows, each group's together (a stable sort keeps the image order)
+            flat_rows = torch.arange(b * n, device=h.device) if index is None else index
+            group_of = torch.tensor([first[pattern] for pattern in kept], device=h.device)  # per image
+            index = flat_rows[torch.argsort(group_of[torch.div(flat_rows, n, rounding_mode="floor")], stable=True)]
+            kept, lengths = [kept[i] for i in order], [lengths[i] for i in order]
         x = h.view(b * n, c) if index is None else h.view(b * n, c).index_select(0, index)  # [R, C]
-        lengths = [n] * b if rows is None else [x.shape[0]] if b == 1 else rows.sum(dim=1).tolist()
         weight, bias = head_major_qkv(attn.qkv, heads)
         out, start = x.new_zeros(x.shape[0], heads, c // heads), 0  # the dropped heads' channels stay 0
         for pattern, group in itertools.groupby(zip(kept, lengths), key=lambda image: image[0]):
