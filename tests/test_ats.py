@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import helpers_ats as H  # noqa: E402
 from vitadapt.config import ConfigError, load_config  # noqa: E402
 from vitadapt.models import TokenBatch, VisionTransformer, build_model  # noqa: E402
-from vitadapt.models.ats import AdaptiveTokenSampler, ATSVisionTransformer  # noqa: E402
+from vitadapt.models.ats import AdaptiveTokenSampler, ATSVisionTransformer, nearest_first  # noqa: E402
 from vitadapt.models.synthetic import sharpen_  # noqa: E402
 from vitadapt.parity import check_ats, check_file  # noqa: E402
 
@@ -502,6 +502,37 @@ def test_sampler_few_live_tokens(n_live):
             else:
                 assert len(kept[1]) >= 1 and set(kept[1]) <= {1, 2}
             assert 1 <= len(kept[0]) <= n - 1
+
+
+def test_nearest_first_is_official_argmin():
+    """nearest_first = argmin over |y - cdf| with the first index on ties (the official rule): rows with repeated
+    values, exact ties halfway between two entries (dyadic values, so the midpoints are exact), leading -inf (dead
+    slots) and ys past either end."""
+    g = torch.Generator().manual_seed(61)
+    for trial in range(300):
+        b, n, m = 3, int(torch.randint(2, 12, (), generator=g)), 9
+        steps = torch.randint(0, 3, (b, n), generator=g).float() / 8  # many repeats and exact ties
+        cdf = torch.cumsum(steps, dim=1)
+        dead = torch.randint(0, n, (b,), generator=g) if trial % 2 else torch.zeros(b, dtype=torch.long)
+        cdf = torch.where(torch.arange(n)[None] < dead[:, None], -torch.inf, cdf)
+        ys = torch.sort(torch.randint(-2, 4 * n + 2, (b, m), generator=g).float() / 16, dim=1).values
+        ref = (ys[:, :, None] - cdf[:, None, :]).abs().argmin(dim=2)  # torch.min / argmin: the first on ties
+        assert torch.equal(nearest_first(cdf, ys), ref), (cdf, ys)
+
+
+@pytest.mark.parametrize("layout", ["dense", "masked"])
+def test_sampler_width_two_keeps_everything(layout):
+    """Sequences of CLS + at most one patch token (no CDF spread anywhere): every live token is kept."""
+    b, n = 3, 2
+    keep = torch.tensor([[True, True], [True, False], [True, True]])
+    tokens = TokenBatch.dense(torch.randn(b, n, 8))
+    if layout == "masked":
+        tokens = tokens.replace(keep=keep, execution="masked")
+    cls_attention, values = _random_inputs(b, n, seed=55)
+    index, valid = AdaptiveTokenSampler().sample(tokens, cls_attention, values)
+    assert torch.equal(index[:, 0], torch.zeros(b, dtype=torch.long))
+    live = keep if layout == "masked" else torch.ones(b, n, dtype=torch.bool)
+    assert torch.equal(torch.zeros_like(live).scatter(1, index, valid), live)
 
 
 @pytest.mark.parametrize("execution", EXECUTIONS)

@@ -88,8 +88,11 @@ class AdaptiveTokenSampler(TokenAdapter):
         a live token (dense tokens, packed images of equal lengths) the masking of dead slots is skipped, and
         without a budget the number of samples is the same for every image."""
         b, n = cls_attention.shape[0], cls_attention.shape[-1]
+        if n < 3:  # at most one patch token per image: no CDF has a spread, every image keeps all its tokens
+            return torch.arange(n, device=cls_attention.device).expand(b, n), tokens.live_mask()
         live = None if tokens.all_live else tokens.live_mask()[:, 1:]  # [B, N-1] patch slots holding a live token
-        v_norm = _float(values.transpose(1, 2).reshape(b, n, -1)).norm(dim=-1)
+        # ||v_j|| over the heads' values concatenated: one reduction over (heads, head_dim), no copy of v.
+        v_norm = torch.linalg.vector_norm(_float(values).transpose(1, 2), dim=(2, 3))
         scores = (_float(cls_attention).sum(dim=1) * v_norm)[:, 1:]
         # Attention weights and norms are >= 0: only NaN and inf (no finite negative) need replacing.
         scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
@@ -112,16 +115,15 @@ class AdaptiveTokenSampler(TokenAdapter):
             torch.where(self.zero_score_slots(tokens)[:, None] > 0, 0.0, first_live)
         spread = cdf[:, -1:] - cdf_min
         ncdf = (cdf - cdf_min) / spread.clamp(min=torch.finfo(cdf.dtype).tiny)
-        nonzero = ncdf != 0 if live is None else sorted_live & (ncdf != 0)
-        ys_start = torch.where(nonzero, ncdf, torch.inf).min(dim=1, keepdim=True).values
-        # No spread (all scores zero, or one patch token) leaves every ncdf at 0: no finite start. Such an image
-        # keeps all its tokens at this stage.
-        degenerate = torch.isinf(ys_start)  # ncdf is finite: the scores were made so
+        # No spread (all scores zero, or one patch token) leaves every ncdf at 0: such an image keeps all its tokens
+        # at this stage. Otherwise the last ncdf is 1 (> 0) and ncdf <= 1, so the 1 filled in for zeros below leaves
+        # the official start, the smallest non-zero ncdf, unchanged; without a non-zero ncdf it is 1.
+        degenerate = spread == 0
+        nonzero = ncdf != 0
         if live is not None:
             degenerate = degenerate | (n_live[:, None] < 2)
-        elif n < 3:
-            degenerate = torch.ones_like(degenerate)
-        ys_start = torch.where(degenerate, 1.0, ys_start)
+            nonzero = nonzero & sorted_live
+        ys_start = torch.where(nonzero, ncdf, 1.0).min(dim=1, keepdim=True).values
 
         picks = nearest_first(ncdf if live is None else torch.where(sorted_live, ncdf, -torch.inf),
                               self.sample_points(tokens, ys_start))
@@ -175,11 +177,12 @@ def _float(x: Tensor) -> Tensor:
 def nearest_first(cdf: Tensor, ys: Tensor) -> Tensor:
     """For every y, the index of the nearest entry of the non-decreasing rows of `cdf`, the first one on ties:
     what argmin over |y - cdf| gives (the official code's rule), by binary search instead of a [B, M, N] table."""
-    upper = torch.searchsorted(cdf, ys).clamp(max=cdf.shape[1] - 1)
-    lower = (upper - 1).clamp(min=0)
-    below, above = cdf.gather(1, lower), cdf.gather(1, upper)
-    pick = torch.where((ys - below).abs() <= (ys - above).abs(), lower, upper)
-    return torch.searchsorted(cdf, cdf.gather(1, pick))  # first index holding that value
+    upper = torch.searchsorted(cdf, ys).clamp_(max=cdf.shape[1] - 1)  # the first entry >= y, or the last
+    below, above = cdf.gather(1, (upper - 1).clamp_(min=0)), cdf.gather(1, upper)
+    # below < y <= above, so both distances are >= 0 as written (no abs). Past either end below and above are the
+    # same entry or the comparison is false, and a false one picks the last entry: argmin's value either way.
+    nearest = torch.where(ys - below <= above - ys, below, above)
+    return torch.searchsorted(cdf, nearest)  # the first index holding that value
 
 
 @MODEL_REGISTRY.register()
