@@ -196,41 +196,45 @@ class AViTVisionTransformer(VisionTransformer):
               phantom: bool) -> TokenBatch:
         """One ACT step after block i: scores, remainders, the output mixture; keeps the tokens still running."""
         batch, num_tokens = state.halted.shape[0], state.output.shape[0] // state.halted.shape[0]
-        y, ids, image, live = tokens.rows()  # one row per token slot (packed: the live tokens only)
+        # One row per token slot (packed: the live tokens only); the image of a row only where it is needed.
+        y, ids, image, live = tokens.rows(with_image=batch > 1 or scores is not None)
         y = y.float()
-        slot = image * num_tokens + ids  # the token's row in the state
-        live_f = torch.ones_like(y[:, 0]) if live is None else live.to(y.dtype)
+        slot = ids if image is None else image * num_tokens + ids  # the token's row in the state
+        live_f = None if live is None else live.to(y.dtype)  # None: every row is a live token
         h_raw = self.halting_scores(y)
         if scores is not None:
-            live_sums = y.new_zeros(batch).index_add(0, image, h_raw * live_f)
+            live_sums = y.new_zeros(batch).index_add(0, image, h_raw if live_f is None else h_raw * live_f)
             if phantom:
                 keys, values, key_mask = block.adapter.recorded
                 out = halted_token_output(block, keys, values, key_mask, batch)[:, 0].float()
                 state.phantom_sum = state.phantom_sum + out
                 scores.append(self._official_layer_score(live_sums, out, state, num_tokens))
             else:  # mean over the patch tokens of every image; halted tokens and CLS count 0
-                cls_sums = y.new_zeros(batch).index_add(0, image, h_raw * live_f * (ids == 0).to(y.dtype))
+                cls_h = h_raw * (ids == 0).to(y.dtype)
+                cls_sums = y.new_zeros(batch).index_add(0, image, cls_h if live_f is None else cls_h * live_f)
                 scores.append((live_sums - cls_sums).sum() / (batch * (num_tokens - 1)))
         last = i == len(self.blocks) - 1
         h = torch.ones_like(h_raw) if last else h_raw  # the last block halts every token (no gradient)
-        cumulative = state.cumulative[slot] + h.detach()
-        remainder = state.remainder[slot]
-        reached = (cumulative > 1 - self.halting_eps).to(y.dtype) * live_f
+        cumulative = state.cumulative.index_select(0, slot) + h.detach()
+        remainder = state.remainder.index_select(0, slot)
+        reached = cumulative > 1 - self.halting_eps
         running = cumulative < 1 - self.halting_eps
-        running = running if live is None else running & live
+        if live is not None:
+            reached, running = reached & live, running & live
         running_f = running.to(y.dtype)
-        mixture = (remainder * reached + h * running_f).unsqueeze(-1) * y
+        finishing = remainder * reached.to(y.dtype)  # what a token halting here adds: its remainder
+        mixture = (finishing + h * running_f).unsqueeze(-1) * y
         # In place where no gradient is recorded: out of place, every block copied the whole [B * N, C] state.
         state.output = state.output.index_add(0, slot, mixture) if torch.is_grad_enabled() else \
             state.output.index_add_(0, slot, mixture)
-        state.rho = state.rho.index_add(0, slot, live_f + remainder * reached)
-        state.remainder = state.remainder.index_add(0, slot, -(running_f * h))
-        state.cumulative = state.cumulative.index_add(0, slot, h.detach() * live_f)
+        state.rho = state.rho.index_add(0, slot, finishing + (1.0 if live_f is None else live_f))
+        state.remainder = state.remainder.index_add(0, slot, running_f * h, alpha=-1)
+        state.cumulative = state.cumulative.index_add(0, slot, h.detach() if live_f is None else h.detach() * live_f)
         state.depth = state.depth.index_add(0, slot, running_f)
         if last:
             return tokens
         if phantom:  # tokens halting here: later garbage outputs pass gradients to y[0] (official `.data`)
-            stopped = live_f - running_f
+            stopped = 1.0 - running_f if live_f is None else live_f - running_f
             state.halted = state.halted.index_add(0, image, stopped)
             state.halted_carry = state.halted_carry.index_add(
                 0, image, stopped * (y[:, 0] - state.phantom_sum[image]))

@@ -170,13 +170,14 @@ class TokenBatch:
         x, ids = self.x.reshape(-1, self.x.shape[-1]), self.ids.reshape(-1)
         return self._packed(x.index_select(0, rows), ids.index_select(0, rows), valid.sum(dim=1))
 
-    def rows(self):
+    def rows(self, with_image: bool = True):
         """Every token slot as a row: (x [R, C], ids [R], image [R], live [R] bool or None for all live), with
-        R = T for packed tokens and B * N otherwise. Per-token state kept per (image, id) indexes with these."""
+        R = T for packed tokens and B * N otherwise. Per-token state kept per (image, id) indexes with these.
+        with_image False: image is None (not computed)."""
         if self.is_packed:
-            return self.x, self.ids, self.image_of_rows(), None
+            return self.x, self.ids, self.image_of_rows() if with_image else None, None
         b, n, c = self.x.shape
-        image = torch.arange(b, device=self.x.device)[:, None].expand(b, n).reshape(-1)
+        image = torch.arange(b, device=self.x.device)[:, None].expand(b, n).reshape(-1) if with_image else None
         return self.x.reshape(b * n, c), self.ids.reshape(-1), image, None if self.keep is None else self.keep.reshape(-1)
 
     def filter(self, keep_rows: Tensor) -> "TokenBatch":
@@ -184,10 +185,15 @@ class TokenBatch:
         together, masked execution marks the others dropped."""
         if self.execution == "masked" and not self.is_packed:
             return self.with_keep(keep_rows.view(self.x.shape[:2]) & self.live_mask())
-        x, ids, image, live = self.rows()
+        x, ids, _, live = self.rows(with_image=False)
         if live is not None:
             keep_rows = keep_rows & live
-        return self._packed(x[keep_rows], ids[keep_rows], torch.bincount(image[keep_rows], minlength=self.batch_size))
+        kept = keep_rows.nonzero().squeeze(1)  # one nonzero for every gather below
+        if self.is_packed and not self.uniform:  # images of unequal lengths: count the kept rows per image
+            lengths = torch.bincount(self.image_of_rows().index_select(0, kept), minlength=self.batch_size)
+        else:  # every image has the same number of rows, one image after the other
+            lengths = keep_rows.view(self.batch_size, -1).sum(dim=1)
+        return self._packed(x.index_select(0, kept), ids.index_select(0, kept), lengths)
 
     def packed_live(self) -> "TokenBatch":
         """The live tokens of a dense or masked batch packed together, in their order: per-token layers then run
