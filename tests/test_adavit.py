@@ -418,7 +418,7 @@ def _matrix_products(model, images):
 
 def test_images_keeping_the_same_heads_share_their_qkv_products(crafted):
     """On a CPU, packed attention takes the images that keep the same heads together: the batch [a, b, a, b]
-    costs the q, k, v products of [a, b] (one per run of kept heads and group of images, not per image), and
+    costs the q, k, v products of [a, b] (one per group of images keeping the same heads, not per image), and
     its outputs are [a, b]'s, in the batch's order."""
     config, sd, images = crafted["config"], crafted["sd"], crafted["images"]
     model = _packed_model(config, sd, "packed")
@@ -434,8 +434,9 @@ def test_images_keeping_the_same_heads_share_their_qkv_products(crafted):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_packed_equals_masked_with_kept_heads_apart(crafted, autocast):
-    """A block where every image keeps the first and the last head, not the middle one: packed attention joins the
-    q, k, v of two runs of heads, as masked execution zeroes the dropped one (also under bf16 autocast)."""
+    """A block where every image keeps the first and the last head, not the middle one: packed attention computes the
+    q, k, v of the two kept heads (not consecutive) in one product, as masked execution zeroes the dropped one (also
+    under bf16 autocast)."""
     config, sd, images = crafted["config"], dict(crafted["sd"]), crafted["images"]
     block = 1
     head = f"blocks.{block}.head_select.mlp_head."
