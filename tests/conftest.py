@@ -41,6 +41,16 @@ def run_net():
 
 
 @pytest.fixture(autouse=True)
+def _keep_subnormal_floats():
+    """A CPU job in this process (run_net, benchmark) flushes subnormal floats to zero (FLUSH_DENORMAL); the next test
+    computes with them again, as the goldens were recorded."""
+    yield
+    import torch
+
+    torch.set_flush_denormal(False)
+
+
+@pytest.fixture(autouse=True)
 def _reset_vitadapt_logging():
     """vitadapt's setup_logging attaches handlers to the root logger (one on the then-current sys.stdout, which
     pytest swaps per test, one on OUTPUT_DIR/stdout.log); drop them after each test so that nothing is logged

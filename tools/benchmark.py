@@ -12,7 +12,8 @@ adds. Per model: parameters, GMACs per image (per clip: one test view) counted a
 image kept (mean over the inputs) and by fvcore on the first image. KEY VALUE overrides apply to both configs.
 Weights come from TEST.CHECKPOINT_FILE_PATH when set; inputs are random unless --data takes them from the config's
 TEST.SPLIT. --plot draws throughput vs batch size, one line per config. On a CPU, the C allocator keeps freed memory
-first (KEEP_FREED_CPU_MEMORY; the JSON's cpu_allocator says what it did).
+first (KEEP_FREED_CPU_MEMORY; the JSON's cpu_allocator says what it did) and subnormal floats are flushed to zero
+(FLUSH_DENORMAL; the JSON's flush_denormal).
 """
 
 import argparse
@@ -46,6 +47,7 @@ from vitadapt.models.flops import fvcore_macs  # noqa: E402
 from vitadapt.models.synthetic import add_halting_drift_, calibrate_decisions_, sharpen_  # noqa: E402
 from vitadapt.utils.checkpoint import load_weights  # noqa: E402
 from vitadapt.utils.cpu_memory import configure_cpu_allocator  # noqa: E402
+from vitadapt.utils.denormals import configure_denormals  # noqa: E402
 from vitadapt.visualization.plots import plot_throughput  # noqa: E402
 
 
@@ -223,8 +225,10 @@ def run(argv=None) -> dict:
         raise ConfigError(f"cannot overwrite {out}: the file is read-only")
     if args.plot:
         ensure_writable_file(args.plot, f"--plot {args.plot}")
-    # Before any model exists: every subject's tensors then come from an allocator that keeps freed memory.
+    # Before any model exists: every subject's tensors then come from an allocator that keeps freed memory, and every
+    # thread flushes subnormal floats (FLUSH_DENORMAL; OpenMP's threads copy the setting when they start).
     allocator = configure_cpu_allocator(cfgs[0])
+    flush_denormal = configure_denormals(cfgs[0])
     subjects = [Subject(args.cfg, opts, args.data, args.init, train=args.train)]
     if args.compare:
         # Measured on the first config's BENCHMARK settings, so that both see the same work.
@@ -234,7 +238,7 @@ def run(argv=None) -> dict:
     if bench.NUM_THREADS > 0:
         torch.set_num_threads(bench.NUM_THREADS)
     report = {"device": str(subjects[0].device), "init": args.init, "mode": "train" if args.train else "inference", "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "cpu_allocator": allocator,
+              "cpu_allocator": allocator, "flush_denormal": flush_denormal,
               "cpu": platform.processor() or platform.machine(), "warmup_iters": bench.WARMUP_ITERS,
               "repeats": bench.NUM_REPEATS, "iters_per_repeat": bench.ITERS_PER_REPEAT, "models": []}
     for s in subjects:
@@ -295,6 +299,7 @@ def print_table(report: dict) -> None:
           f"device {report['device']}, {report['threads']} threads, torch {report['torch']}, "
           + (f"CPU allocator {report['cpu_allocator']}, " if report.get("cpu_allocator") and report["device"] == "cpu"
              else "")
+          + ("subnormal floats flushed, " if report.get("flush_denormal") else "")
           + f"median of {report['repeats']} x {report['iters_per_repeat']} iterations after {report['warmup_iters']} warm-up")
     width = max(len("config"), *(len(m["cfg"]) for m in report["models"]))  # full names: two may share a tail
     rate = "clips/s" if report["models"][0].get("input") == "clip" else "img/s"

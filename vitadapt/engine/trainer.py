@@ -24,6 +24,7 @@ from vitadapt.models import build_model, input_shape
 from vitadapt.utils import checkpoint as cu
 from vitadapt.utils import distributed as du
 from vitadapt.utils.cpu_memory import configure_cpu_allocator
+from vitadapt.utils.denormals import configure_denormals
 from vitadapt.utils.logging import log_json_stats, setup_logging, supersede_epoch_records
 from vitadapt.utils.lr_policy import lr_at_epoch
 from vitadapt.utils.optimizer import build_optimizer
@@ -123,8 +124,10 @@ def prepare(cfg, job: str):
         logger.info("%s job, %d process(es), output in %s", job, du.get_world_size(), cfg.OUTPUT_DIR)
     device = select_device(cfg)
     allocator = configure_cpu_allocator(cfg)
+    flushed = configure_denormals(cfg)
     if rank == 0 and device.type == "cpu":
-        logger.info("CPU allocator: %s (KEEP_FREED_CPU_MEMORY %s)", allocator, cfg.KEEP_FREED_CPU_MEMORY)
+        logger.info("CPU allocator: %s (KEEP_FREED_CPU_MEMORY %s); subnormal floats %s (FLUSH_DENORMAL %s)", allocator,
+                    cfg.KEEP_FREED_CPU_MEMORY, "flushed to zero" if flushed else "kept", cfg.FLUSH_DENORMAL)
     # Same initial weights on every rank (so DDP and each rank's EMA copy start equal), then per-rank streams
     # for augmentation and dropout.
     seed_everything(cfg.RNG_SEED)
