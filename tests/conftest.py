@@ -41,13 +41,14 @@ def run_net():
 
 
 @pytest.fixture(autouse=True)
-def _keep_subnormal_floats():
-    """A CPU job in this process (run_net, benchmark) flushes subnormal floats to zero (FLUSH_DENORMAL); the next test
-    computes with them again, as the goldens were recorded."""
-    yield
+def _keep_subnormal_floats(monkeypatch):
+    """CPU jobs run in this process (run_net, benchmark) would flush subnormal floats to zero (FLUSH_DENORMAL) in
+    every thread that exists then or starts later, for the rest of the session, and nothing can turn OpenMP's threads
+    back. Here they only record that they asked (a supported mode); the tests keep computing as the goldens were
+    recorded. tests/test_denormals.py checks the real mode, in fresh interpreters."""
     import torch
 
-    torch.set_flush_denormal(False)
+    monkeypatch.setattr(torch, "set_flush_denormal", lambda mode: True)
 
 
 @pytest.fixture(autouse=True)

@@ -505,9 +505,9 @@ def test_sampler_few_live_tokens(n_live):
 
 
 def test_nearest_first_is_official_argmin():
-    """nearest_first = argmin over |y - cdf| with the first index on ties (the official rule): rows with repeated
-    values, exact ties halfway between two entries (dyadic values, so the midpoints are exact), leading -inf (dead
-    slots) and ys past either end."""
+    """nearest_first = argmin over |y - cdf| with the first index on ties (the official rule) where the distances are
+    exact (dyadic values): rows with repeated values, exact ties halfway between two entries, leading -inf (dead
+    slots) and ys past either end. (Distances that round equal are the documented exception, see nearest_first.)"""
     g = torch.Generator().manual_seed(61)
     for trial in range(300):
         b, n, m = 3, int(torch.randint(2, 12, (), generator=g)), 9

@@ -453,6 +453,21 @@ def test_auto_resume_refuses_the_checkpoint_of_a_differently_configured_run(imag
     assert h.ckpt_path(out, 2).is_file()
 
 
+def test_run_saved_before_the_cpu_settings_existed_resumes(image_folder, tmp_path, run_net):
+    """KEEP_FREED_CPU_MEMORY and FLUSH_DENORMAL say how a CPU run executes, not what it trains: a run whose saved
+    config predates them (no such keys), or that ran with other values, continues."""
+    out = tmp_path / "out"
+    assert run_net(["--cfg", ""] + h.tiny_opts(image_folder, out, SOLVER__MAX_EPOCH=1, TEST__ENABLE=False)) == 0
+    saved = out / "config.yaml"
+    lines = saved.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not line.startswith(("FLUSH_DENORMAL:", "KEEP_FREED_CPU_MEMORY:"))]
+    assert len(kept) == len(lines) - 2
+    saved.write_text("".join(kept))
+    assert run_net(["--cfg", ""] + h.tiny_opts(image_folder, out, SOLVER__MAX_EPOCH=2, TEST__ENABLE=False,
+                                               FLUSH_DENORMAL=False)) == 0
+    assert h.ckpt_path(out, 2).is_file()
+
+
 def test_digits_rejects_too_few_classes(tmp_path, run_net, capsys):
     rc = run_net(["--cfg", str(Path(__file__).resolve().parents[1] / "configs" / "demo" / "DeiT_Ti_digits.yaml"), "MODEL.NUM_CLASSES", "5",
                   "SOLVER.MAX_EPOCH", "2", "OUTPUT_DIR", str(tmp_path / "o")])

@@ -175,8 +175,11 @@ def _float(x: Tensor) -> Tensor:
 
 
 def nearest_first(cdf: Tensor, ys: Tensor) -> Tensor:
-    """For every y, the index of the nearest entry of the non-decreasing rows of `cdf`, the first one on ties:
-    what argmin over |y - cdf| gives (the official code's rule), by binary search instead of a [B, M, N] table."""
+    """For every y, the index of the nearest entry of the non-decreasing rows of `cdf`, the first one on ties: the
+    official argmin over |y - cdf|, by binary search instead of a [B, M, N] table. Where the distances are computed
+    exactly the two agree; the official table rounds every distance, so where several entries lie closer together
+    than y's rounding unit (patch scores below about 1e-8 of the total) their distances can round equal and argmin
+    takes the first of them, which this search does not."""
     upper = torch.searchsorted(cdf, ys).clamp_(max=cdf.shape[1] - 1)  # the first entry >= y, or the last
     below, above = cdf.gather(1, (upper - 1).clamp_(min=0)), cdf.gather(1, upper)
     # below < y <= above, so both distances are >= 0 as written (no abs). Past either end below and above are the
