@@ -201,24 +201,27 @@ class AViTVisionTransformer(VisionTransformer):
         y = y.float()
         slot = ids if image is None else image * num_tokens + ids  # the token's row in the state
         live_f = None if live is None else live.to(y.dtype)  # None: every row is a live token
+
+        def live_only(t: Tensor) -> Tensor:  # t with the rows of dead slots (masked execution) zeroed
+            return t if live_f is None else t * live_f
+
         h_raw = self.halting_scores(y)
         if scores is not None:
-            live_sums = y.new_zeros(batch).index_add(0, image, h_raw if live_f is None else h_raw * live_f)
+            live_sums = y.new_zeros(batch).index_add(0, image, live_only(h_raw))
             if phantom:
                 keys, values, key_mask = block.adapter.recorded
                 out = halted_token_output(block, keys, values, key_mask, batch)[:, 0].float()
                 state.phantom_sum = state.phantom_sum + out
                 scores.append(self._official_layer_score(live_sums, out, state, num_tokens))
             else:  # mean over the patch tokens of every image; halted tokens and CLS count 0
-                cls_h = h_raw * (ids == 0).to(y.dtype)
-                cls_sums = y.new_zeros(batch).index_add(0, image, cls_h if live_f is None else cls_h * live_f)
+                cls_sums = y.new_zeros(batch).index_add(0, image, live_only(h_raw * (ids == 0).to(y.dtype)))
                 scores.append((live_sums - cls_sums).sum() / (batch * (num_tokens - 1)))
         last = i == len(self.blocks) - 1
         h = torch.ones_like(h_raw) if last else h_raw  # the last block halts every token (no gradient)
         cumulative = state.cumulative.index_select(0, slot) + h.detach()
         remainder = state.remainder.index_select(0, slot)
-        reached = cumulative > 1 - self.halting_eps
-        running = cumulative < 1 - self.halting_eps
+        threshold = 1 - self.halting_eps
+        reached, running = cumulative > threshold, cumulative < threshold
         if live is not None:
             reached, running = reached & live, running & live
         running_f = running.to(y.dtype)
@@ -229,7 +232,7 @@ class AViTVisionTransformer(VisionTransformer):
             state.output.index_add_(0, slot, mixture)
         state.rho = state.rho.index_add(0, slot, finishing + (1.0 if live_f is None else live_f))
         state.remainder = state.remainder.index_add(0, slot, running_f * h, alpha=-1)
-        state.cumulative = state.cumulative.index_add(0, slot, h.detach() if live_f is None else h.detach() * live_f)
+        state.cumulative = state.cumulative.index_add(0, slot, live_only(h.detach()))
         state.depth = state.depth.index_add(0, slot, running_f)
         if last:
             return tokens
