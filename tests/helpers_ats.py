@@ -38,7 +38,9 @@ def ref_sample(scores: torch.Tensor, m: int, n_zero: int = 0) -> List[int]:
     m: number of y samples (N0-1 officially); n_zero: zero-score slots that precede the image's tokens in the
     official layout (batch padding / dropped slots). Returns the kept positions in ascending significance."""
     scores = scores.float()
-    order = sorted(range(len(scores)), key=lambda j: float(scores[j]))  # ascending (ties: irrelevant, see §1.3)
+    # Ascending, by the official call (torch.sort, unstable): equal scores are rare but not only zeros (a very peaky
+    # head leaves several at the smallest subnormal), and a rounding tie can pick one of them (see nearest_first).
+    order = torch.sort(scores).indices.tolist()
     sorted_scores = torch.cat([torch.zeros(n_zero), scores[order]])  # zero-score slots sort first
     cdf = torch.cumsum(sorted_scores, dim=0)
     if len(scores) < 2 or not bool(cdf.max() - cdf.min() > 0):

@@ -507,7 +507,7 @@ def test_sampler_few_live_tokens(n_live):
 def test_nearest_first_is_official_argmin():
     """nearest_first = argmin over |y - cdf| with the first index on ties (the official rule) where the distances are
     exact (dyadic values): rows with repeated values, exact ties halfway between two entries, leading -inf (dead
-    slots) and ys past either end. (Distances that round equal are the documented exception, see nearest_first.)"""
+    slots) and ys past either end."""
     g = torch.Generator().manual_seed(61)
     for trial in range(300):
         b, n, m = 3, int(torch.randint(2, 12, (), generator=g)), 9
@@ -518,6 +518,38 @@ def test_nearest_first_is_official_argmin():
         ys = torch.sort(torch.randint(-2, 4 * n + 2, (b, m), generator=g).float() / 16, dim=1).values
         ref = (ys[:, :, None] - cdf[:, None, :]).abs().argmin(dim=2)  # torch.min / argmin: the first on ties
         assert torch.equal(nearest_first(cdf, ys), ref), (cdf, ys)
+
+
+def test_nearest_first_rounding_ties_are_official():
+    """Where CDF entries lie closer together than y's float32 rounding unit (a peaky head: many patch scores below
+    1e-8 of the total), the official table's rounded distances tie and argmin takes the first tied entry, which is
+    not the exactly nearest one. nearest_first must give the table's answer; the data must contain such ties."""
+    g = torch.Generator().manual_seed(62)
+    exact_differs = 0
+    for _ in range(40):
+        scores = (torch.randn(4, 196, generator=g) * 20).softmax(dim=-1)
+        cdf = torch.cumsum(torch.sort(scores, dim=1).values, dim=1)
+        ncdf = (cdf - cdf[:, :1]) / (cdf[:, -1:] - cdf[:, :1])
+        start = torch.where(ncdf != 0, ncdf, 1.0).min(dim=1, keepdim=True).values
+        k = torch.arange(196.0)[None]
+        ys = (k / 195 * 195 - start * k) / 195 + start  # the official sample points
+        table = (ys[:, :, None] - ncdf[:, None, :]).abs().argmin(dim=2)
+        assert torch.equal(nearest_first(ncdf, ys), table)
+        exact = (ys.double()[:, :, None] - ncdf.double()[:, None, :]).abs().argmin(dim=2)
+        exact_differs += int((ncdf.gather(1, exact) != ncdf.gather(1, table)).sum())
+    assert exact_differs > 0  # rounding ties that pick another entry than the exactly nearest one
+
+
+def test_sampler_matches_reference_on_peaky_heads():
+    """The sampler against the official per-image algorithm (float32 rounding included) with one very peaky head,
+    where rounded distances tie (see test_nearest_first_rounding_ties_are_official)."""
+    b, n = 24, 197
+    g = torch.Generator().manual_seed(63)
+    cls_attention = (torch.randn(b, 1, n, generator=g) * 20).softmax(dim=-1)
+    values = torch.randn(b, 1, n, 16, generator=g)
+    tokens = TokenBatch.dense(torch.randn(b, n, 8))
+    mine = _kept_positions(*AdaptiveTokenSampler().sample(tokens, cls_attention, values))
+    assert mine == _ref_for_layout(cls_attention, values, torch.ones(b, n, dtype=torch.bool), n - 1, [0] * b)
 
 
 @pytest.mark.parametrize("layout", ["dense", "masked"])

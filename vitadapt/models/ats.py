@@ -176,16 +176,22 @@ def _float(x: Tensor) -> Tensor:
 
 def nearest_first(cdf: Tensor, ys: Tensor) -> Tensor:
     """For every y, the index of the nearest entry of the non-decreasing rows of `cdf`, the first one on ties: the
-    official argmin over |y - cdf|, by binary search instead of a [B, M, N] table. Where the distances are computed
-    exactly the two agree; the official table rounds every distance, so where several entries lie closer together
-    than y's rounding unit (patch scores below about 1e-8 of the total) their distances can round equal and argmin
-    takes the first of them, which this search does not."""
+    official argmin over the float32 distances |y - cdf|, rounding included, by binary search instead of a [B, M, N]
+    table. Rounding makes distances tie where entries lie closer together than y's rounding unit (patch scores
+    below about 1e-8 of the total); argmin then takes the first of them. Such a tie is detected on the entry before
+    each pick, and only then is the table computed."""
     upper = torch.searchsorted(cdf, ys).clamp_(max=cdf.shape[1] - 1)  # the first entry >= y, or the last
     below, above = cdf.gather(1, (upper - 1).clamp_(min=0)), cdf.gather(1, upper)
     # below < y <= above, so both distances are >= 0 as written (no abs). Past either end below and above are the
     # same entry or the comparison is false, and a false one picks the last entry: argmin's value either way.
     nearest = torch.where(ys - below <= above - ys, below, above)
-    return torch.searchsorted(cdf, nearest)  # the first index holding that value
+    picks = torch.searchsorted(cdf, nearest)  # the first index holding that value
+    # The rounded distance falls, then rises along a row, so entries tied with a pick sit right before it, on y's
+    # lower side (a pick above y was strictly nearer than the entry before it).
+    before = cdf.gather(1, (picks - 1).clamp_(min=0))
+    if bool(((ys - before == ys - nearest) & (picks > 0)).any()):
+        picks = (ys[:, :, None] - cdf[:, None, :]).abs_().argmin(dim=2)
+    return picks
 
 
 @MODEL_REGISTRY.register()
