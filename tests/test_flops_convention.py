@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vitadapt.config import load_config  # noqa: E402
 from vitadapt.models import build_model  # noqa: E402
+from vitadapt.models import vit as vit_module  # noqa: E402
 from vitadapt.models.flops import fvcore_macs  # noqa: E402
 from vitadapt.models.synthetic import add_halting_drift_, calibrate_decisions_, sharpen_  # noqa: E402
 
@@ -61,6 +62,27 @@ def test_analytic_count_equals_fvcore_on_one_image(name):
         with torch.no_grad():
             deit(images[:1])
         assert max(counts) < deit.macs_per_image()[0].item(), "nothing dropped: a wrong count would go unseen"
+
+
+@pytest.mark.parametrize("name", ["ats", "evit"])
+def test_cls_row_counted_where_computed_on_the_side(monkeypatch, name):
+    """The CLS attention row costs extra MACs only where attention hid it (the fused kernel): then it is a side
+    product q_cls K^T, N MACs per channel in each block that reads it, and the count follows the path that ran."""
+    model, images = _model(name)
+    image = images[:1]
+    counts = {}
+    for fused in (False, True):
+        # 0: no attention is small enough to run explicitly, every CLS row comes from the side product
+        monkeypatch.setattr(vit_module, "SMALL_ATTENTION_LOGITS", 0 if fused else vit_module.SMALL_ATTENTION_LOGITS)
+        with torch.no_grad():
+            model(image)
+        counts[fused] = model.macs_per_image()[0].item()
+        assert fvcore_macs(model, image, layer_norms=False) == counts[fused], fused
+        side = [block.attn.cls_row_on_side for block in model.blocks]
+        assert any(side) == fused
+    readers = [i for i, block in enumerate(model.blocks) if block.adapter is not None and block.adapter.needs_cls_attention]
+    live = model.last_token_counts[0, readers, 0].double().sum().item()
+    assert counts[True] - counts[False] == live * model.embed_dim
 
 
 class _Products(torch.nn.Module):

@@ -120,8 +120,8 @@ def test_cpu_attends_image_by_image_without_the_kernel(monkeypatch, train):
     training, the same gradients as the padded path; explicit products for small inference."""
     calls = []
     attend_rows = vit_module.Attention.attend_rows
-    monkeypatch.setattr(vit_module.Attention, "attend_rows", lambda self, qkv: calls.append(qkv.shape[0]) or
-                        attend_rows(self, qkv))
+    monkeypatch.setattr(vit_module.Attention, "attend_rows", lambda self, qkv, **kw: calls.append(qkv.shape[0]) or
+                        attend_rows(self, qkv, **kw))
     images = torch.randn(5, 3, 112, 112, generator=torch.Generator().manual_seed(3))
     results = {}
     for varlen in (False, True):

@@ -47,9 +47,9 @@ def vit_macs(model: nn.Module, token_counts: Tensor) -> Tensor:
     num_patches = token_counts[:, 0, 0] - 1  # every patch enters the first block, plus CLS
     patch_macs = num_patches.double() * proj.in_channels * proj.kernel_size[0] * proj.kernel_size[1] * dim
     blocks = block_macs(token_counts[..., 0], token_counts[..., 1], dim, mlp_hidden).sum(dim=1)
-    # A method reading the CLS attention row (ATS, EViT) computes it on the side: q_cls K^T, N MACs per channel.
-    side = [i for i, block in enumerate(model.blocks)
-            if getattr(block, "adapter", None) is not None and block.adapter.needs_cls_attention]
+    # A method reading the CLS attention row (ATS, EViT) where attention hid it computed it on the side: q_cls K^T,
+    # N MACs per channel (where attention ran explicitly the row was read from its matrix: nothing extra).
+    side = [i for i, block in enumerate(model.blocks) if getattr(block.attn, "cls_row_on_side", False)]
     if side:
         blocks = blocks + token_counts[:, side, 0].double().sum(dim=1) * dim
     head = dim * model.num_classes if model.num_classes > 0 else 0

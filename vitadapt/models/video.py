@@ -154,6 +154,8 @@ class DividedSpaceTimeBlock(Block):
         patches = p.sum(dim=1)
         temporal = 4 * patches * c * c + 2 * (p * p).sum(dim=1) * c + patches * c * c  # qkv, proj, QK/AV, fc
         spatial = 4 * f.sum(dim=1) * c * c + 2 * (f * f).sum(dim=1) * c
+        if self.attn.cls_row_on_side:  # each frame's CLS row for the method, q_cls K^T (see vit_macs)
+            spatial = spatial + f.sum(dim=1) * c
         self.last_macs = temporal + spatial + 2 * m * c * hidden
         self.last_norm_elements = patches + f.sum(dim=1) + m
 

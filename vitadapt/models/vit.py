@@ -29,10 +29,11 @@ except ImportError:  # older torch: packed tokens always take the padded path
 SMALL_ATTENTION_LOGITS = 2 ** 18
 
 
-def explicit_is_faster(q: Tensor) -> bool:
+def explicit_is_faster(q: Tensor, longest: Optional[int] = None) -> bool:
     """Whether self-attention with queries q [..., N, dh] (e.g. [B, heads, N, dh]) runs faster explicitly (small,
-    on the CPU)."""
-    return q.device.type == "cpu" and q.numel() // q.shape[-1] * q.shape[-2] <= SMALL_ATTENTION_LOGITS
+    on the CPU); longest: judge a sequence of that many tokens with q's other dimensions instead."""
+    n = q.shape[-2] if longest is None else longest
+    return q.device.type == "cpu" and q.numel() // (q.shape[-1] * q.shape[-2]) * n * n <= SMALL_ATTENTION_LOGITS
 
 
 def varlen_supported(x: Tensor) -> bool:
@@ -61,6 +62,9 @@ class Attention(nn.Module):
         # Packed images of different lengths attend without padding to the longest image (VIT.VARLEN_ATTENTION):
         # through varlen_attn where it runs, one image at a time on a CPU; elsewhere padded, the padding masked.
         self.varlen = True
+        # Whether the last forward computed the CLS attention row on the side (q_cls K^T, counted by vit_macs),
+        # not read from an attention matrix it computed anyway.
+        self.cls_row_on_side = False
 
     def forward(self, x: Tensor, tokens: TokenBatch, need_cls_attention: bool = False,
                 adapter: Optional[TokenAdapter] = None) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
@@ -76,8 +80,9 @@ class Attention(nn.Module):
             k, v = self.kv_mixing(k, tokens), self.kv_mixing(v, tokens)
         key_mask = tokens.key_mask()
         bias = adapter.attention_bias(tokens) if adapter is not None else None
-        if (not self.fused or (adapter is not None and adapter.records_attention_logits)
-                or (not self.training and explicit_is_faster(q))):
+        explicit = (not self.fused or (adapter is not None and adapter.records_attention_logits)
+                    or (not self.training and explicit_is_faster(q)))
+        if explicit:
             # Explicit attention: asked for, the method needs the logits themselves (DVT reuses them), or small.
             logits = (q @ k.transpose(-2, -1)) * self.scale
             if bias is not None:
@@ -102,9 +107,13 @@ class Attention(nn.Module):
             if adapter.observes_attention:
                 adapter.observe_attention(tokens, k, v, key_mask)
         out = self.proj_drop(self.proj(tokens.unpadded(out.transpose(1, 2).reshape(b, n, c))))
+        # The CLS row of an explicit attention without a bias is row 0 of its matrix (where the official ATS and
+        # EViT read it too); the fused kernel hides the matrix: then the row alone is one cheap [1 x N] product.
+        self.cls_row_on_side = need_cls_attention and not (explicit and bias is None)
         if not need_cls_attention:
             return out, None, None
-        # The fused kernel hides the attention matrix; the CLS row alone is one cheap [1 x N] product.
+        if not self.cls_row_on_side:
+            return out, probs[:, :, 0], v
         logits = (q[:, :, :1] @ k.transpose(-2, -1)).squeeze(2) * self.scale
         if key_mask is not None:
             logits = logits.masked_fill(~key_mask[:, :, 0], float("-inf"))
@@ -134,30 +143,41 @@ class Attention(nn.Module):
         heads, dh = self.num_heads, c // self.num_heads
         qkv = self.qkv(x).view(t, 3, heads, dh)
         cls_attention = values = None
+        self.cls_row_on_side = False
         if varlen_supported(x) and not need_cls_attention:
             q, k, v = qkv.unbind(1)  # [T, heads, dh] each
             starts = F.pad(tokens.lengths.cumsum(0), (1, 0)).to(torch.int32)  # [B + 1] first row of each image
             out = varlen_attn(q, k, v, starts, starts, tokens.width, tokens.width, scale=self.scale)
         else:
             images = [qkv[rows] for rows in tokens.image_slices()]
-            out = torch.cat([self.attend_rows(image) for image in images])
+            # Every image's CLS row from its attention matrix where all run explicitly (the longest decides),
+            # else every row on the side (so that vit_macs counts the side products of all images or none).
+            self.cls_row_on_side = need_cls_attention and not (
+                not self.training and explicit_is_faster(qkv[:1, 0].transpose(0, 1), tokens.width))
+            if need_cls_attention and not self.cls_row_on_side:
+                outs, rows = zip(*(self.attend_rows(image, need_cls_row=True) for image in images))
+                out, rows = torch.cat(outs), torch.cat(rows, dim=1)  # [T, heads, dh], [heads, T]
+            else:
+                out = torch.cat([self.attend_rows(image) for image in images])
+                if need_cls_attention:
+                    rows = torch.cat([self.cls_attention_row(image) for image in images], dim=1)
             if need_cls_attention:
-                rows = torch.cat([self.cls_attention_row(image) for image in images], dim=1)  # [heads, T]
                 cls_attention = tokens.padded(rows.t()).transpose(1, 2).contiguous()  # [B, heads, W], 0 as padding
                 values = tokens.padded(qkv[:, 2].reshape(t, c)).view(-1, tokens.width, heads, dh).transpose(1, 2)
         return self.proj_drop(self.proj(out.reshape(t, c))), cls_attention, values
 
-    def attend_rows(self, qkv: Tensor) -> Tensor:
-        """One sequence's attention: qkv [N, 3, heads, dh] (any number of heads), output [N, heads, dh]."""
+    def attend_rows(self, qkv: Tensor, need_cls_row: bool = False):
+        """One sequence's attention: qkv [N, 3, heads, dh] (any number of heads), output [N, heads, dh]; with
+        need_cls_row (for a sequence small enough to run explicitly), (output, the CLS row [heads, N])."""
         q, k, v = qkv.permute(1, 2, 0, 3).unbind(0)
-        if not self.training and explicit_is_faster(q):
+        if need_cls_row or (not self.training and explicit_is_faster(q)):
             # The scale applied by the product (no pass over the logits): 3-9% faster; exact for a power of two
             # (DeiT's 1/8), within 1e-6 for T2T-ViT's embed_dim**-0.5.
             logits = torch.baddbmm(q.new_empty(()), q, k.transpose(-2, -1), beta=0, alpha=self.scale)
-            out = logits.softmax(dim=-1) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, **self.fused_scale)
-        return out.transpose(0, 1)
+            probs = logits.softmax(dim=-1)
+            out = (probs @ v).transpose(0, 1)
+            return (out, probs[:, 0]) if need_cls_row else out
+        return F.scaled_dot_product_attention(q, k, v, **self.fused_scale).transpose(0, 1)
 
     def cls_attention_row(self, qkv: Tensor) -> Tensor:
         """One sequence's CLS attention row: qkv [N, 3, heads, dh], row [heads, N] (the padded path's side product,
