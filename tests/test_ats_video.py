@@ -18,6 +18,7 @@ import torch
 from vitadapt.config import ConfigError, load_config
 from vitadapt.models import TokenBatch, build_model
 from vitadapt.models.ats import AdaptiveTokenSampler
+from vitadapt.models import vit as vit_module
 from vitadapt.models.flops import block_macs
 from vitadapt.models.synthetic import sharpen_
 from vitadapt.models.video import TemporalShift, frames_of
@@ -321,12 +322,12 @@ def test_each_clip_alone_equals_batched(kind, execution):
 
 
 # ============================================================================================ 6. MACs
-def clip_macs_reference(model, kind, batch):
-    """MACs per clip written from the token counts: patch embedding, blocks with the CLS attention row of every
-    ATS block (N x C), (temporal) head."""
+def clip_macs_reference(model, kind, batch, side_rows):
+    """MACs per clip written from the token counts: patch embedding, blocks, with side_rows the CLS attention row
+    of every ATS block as a side product (N x C; the fused attention path), (temporal) head."""
     c, hidden = DIM, 4 * DIM
     patch = 3 * PATCH * PATCH * c  # per patch token
-    ats_blocks = list(getattr(model.base_model if kind == "xvit" else model, "ats_blocks", []))
+    ats_blocks = list(getattr(model.base_model if kind == "xvit" else model, "ats_blocks", [])) if side_rows else []
     if kind == "xvit":
         counts = model.base_model.last_token_counts  # [B * T, depth, 2] per frame
         frames = (counts[:, 0, 0] - 1).double() * patch + block_macs(counts[..., 0], counts[..., 1], c, hidden).sum(1)
@@ -341,9 +342,14 @@ def clip_macs_reference(model, kind, batch):
     return seq + c * CLASSES
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 @torch.no_grad()
-def test_macs_per_clip(kind, monkeypatch):
+def test_macs_per_clip(kind, fused, monkeypatch):
+    """fused: every attention through the fused kernel, so that ATS computes its CLS rows on the side (counted);
+    else small attention runs explicitly and the rows are read from its matrix (not counted)."""
+    if fused:
+        monkeypatch.setattr(vit_module, "SMALL_ATTENTION_LOGITS", 0)
     video = clips()
     b = video.shape[0]
     ats = build(kind)
@@ -353,8 +359,8 @@ def test_macs_per_clip(kind, monkeypatch):
     dense(video)
     m_ats, m_dense = ats.macs_per_image(), dense.macs_per_image()
     assert m_ats.shape == (b,)
-    torch.testing.assert_close(m_ats, clip_macs_reference(ats, kind, b), atol=0.5, rtol=0)
-    torch.testing.assert_close(m_dense, clip_macs_reference(dense, kind, b), atol=0.5, rtol=0)
+    torch.testing.assert_close(m_ats, clip_macs_reference(ats, kind, b, fused), atol=0.5, rtol=0)
+    torch.testing.assert_close(m_dense, clip_macs_reference(dense, kind, b, fused), atol=0.5, rtol=0)
     assert (m_dense == m_dense[0]).all()
     assert (m_ats < m_dense).all(), (m_ats, m_dense)
     # The engine's per-clip statistics sum the clip's frames (T sequences per clip unless joint).
@@ -369,15 +375,15 @@ def test_macs_per_clip(kind, monkeypatch):
         assert int(counts[0, 0, 0]) == T * (1 + N)
 
     # Nothing drops: ATS.BLOCKS [] costs exactly the dense model; a keep-everything sampler costs the dense model
-    # plus the CLS attention rows it still computes.
+    # plus the CLS attention rows it still computes on the side (fused), exactly the dense model otherwise.
     empty = build(kind, blocks=())
     empty.load_state_dict(ats.state_dict(), strict=True)
     empty(video)
     torch.testing.assert_close(empty.macs_per_image(), m_dense, atol=0, rtol=0)
     monkeypatch.setattr(AdaptiveTokenSampler, "sample", keep_all_reordered([]))
     ats(video)
-    rows = clip_macs_reference(ats, kind, b) - m_dense
-    assert (rows > 0).all()
+    rows = clip_macs_reference(ats, kind, b, fused) - m_dense
+    assert (rows > 0).all() if fused else (rows == 0).all()
     torch.testing.assert_close(ats.macs_per_image(), m_dense + rows, atol=0, rtol=0)
     torch.testing.assert_close(ats.last_token_counts, dense.last_token_counts, atol=0, rtol=0)
 
@@ -573,11 +579,15 @@ def test_clip_attention_layout():
 
 
 @torch.no_grad()
-def test_divided_macs_from_live_tokens():
+@pytest.mark.parametrize("fused", [False, True])
+def test_divided_macs_from_live_tokens(fused, monkeypatch):
     """Without ATS the count is the dense divided formula (timesformer_macs, = fvcore less its norms); with ATS every
-    block's cost equals the formula written here from its input keep mask and the tokens left after it."""
+    block's cost equals the formula written here from its input keep mask and the tokens left after it, plus each
+    frame's CLS row as a side product where attention runs fused (explicit attention hands over its row 0)."""
     from vitadapt.models.video import timesformer_macs
 
+    if fused:
+        monkeypatch.setattr(vit_module, "SMALL_ATTENTION_LOGITS", 0)
     video = clips()
     dense = build_divided("per_frame", blocks=())
     dense(video)
@@ -595,6 +605,8 @@ def test_divided_macs_from_live_tokens():
         lp = p.sum(dim=(1, 2))
         ref = (5 * lp * c * c + 2 * (per_loc ** 2).sum(dim=1) * c + 4 * per_frame.sum(dim=1) * c * c
                + 2 * (per_frame ** 2).sum(dim=1) * c + 2 * live_out.sum(dim=1).double() * c * hidden)
+        if fused and blk.adapter is not None and blk.adapter.needs_cls_attention:
+            ref = ref + per_frame.sum(dim=1) * c
         torch.testing.assert_close(blk.last_macs, ref, atol=0, rtol=0)
     assert (model.macs_per_image() < expected).all()
 

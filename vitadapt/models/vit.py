@@ -5,6 +5,7 @@ attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.*, norm.*, head.*), so official ch
 are. With identical weights the logits equal timm's VisionTransformer.
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -33,7 +34,7 @@ def explicit_is_faster(q: Tensor, longest: Optional[int] = None) -> bool:
     """Whether self-attention with queries q [..., N, dh] (e.g. [B, heads, N, dh]) runs faster explicitly (small,
     on the CPU); longest: judge a sequence of that many tokens with q's other dimensions instead."""
     n = q.shape[-2] if longest is None else longest
-    return q.device.type == "cpu" and q.numel() // (q.shape[-1] * q.shape[-2]) * n * n <= SMALL_ATTENTION_LOGITS
+    return q.device.type == "cpu" and math.prod(q.shape[:-2]) * n * n <= SMALL_ATTENTION_LOGITS
 
 
 def varlen_supported(x: Tensor) -> bool:
