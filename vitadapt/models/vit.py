@@ -144,8 +144,8 @@ class Attention(nn.Module):
         heads, dh = self.num_heads, c // self.num_heads
         qkv = self.qkv(x).view(t, 3, heads, dh)
         cls_attention = values = None
-        self.cls_row_on_side = False
         if varlen_supported(x) and not need_cls_attention:
+            self.cls_row_on_side = False
             q, k, v = qkv.unbind(1)  # [T, heads, dh] each
             starts = F.pad(tokens.lengths.cumsum(0), (1, 0)).to(torch.int32)  # [B + 1] first row of each image
             out = varlen_attn(q, k, v, starts, starts, tokens.width, tokens.width, scale=self.scale)
