@@ -180,16 +180,18 @@ def nearest_first(cdf: Tensor, ys: Tensor) -> Tensor:
     table. Rounding makes distances tie where entries lie closer together than y's rounding unit (patch scores
     below about 1e-8 of the total); argmin then takes the first of them. Such a tie is detected on the entry before
     each pick, and only then is the table computed."""
+    # Entry i - 1 of a row is entry i of the row with -inf in front: no index arithmetic, and "no entry before" is
+    # an infinite distance.
+    shifted = F.pad(cdf, (1, 0), value=-torch.inf)
     upper = torch.searchsorted(cdf, ys).clamp_(max=cdf.shape[1] - 1)  # the first entry >= y, or the last
-    below, above = cdf.gather(1, (upper - 1).clamp_(min=0)), cdf.gather(1, upper)
-    # below < y <= above, so both distances are >= 0 as written (no abs). Past either end below and above are the
-    # same entry or the comparison is false, and a false one picks the last entry: argmin's value either way.
+    below, above = shifted.gather(1, upper), cdf.gather(1, upper)
+    # below < y <= above, so both distances are >= 0 as written (no abs). Past either end the comparison is false
+    # (nothing below, or nothing >= y), which picks the last or first entry: argmin's value either way.
     nearest = torch.where(ys - below <= above - ys, below, above)
     picks = torch.searchsorted(cdf, nearest)  # the first index holding that value
     # The rounded distance falls, then rises along a row, so entries tied with a pick sit right before it, on y's
     # lower side (a pick above y was strictly nearer than the entry before it).
-    before = cdf.gather(1, (picks - 1).clamp_(min=0))
-    if bool(((ys - before == ys - nearest) & (picks > 0)).any()):
+    if bool((ys - shifted.gather(1, picks) == ys - nearest).any()):
         picks = (ys[:, :, None] - cdf[:, None, :]).abs_().argmin(dim=2)
     return picks
 
