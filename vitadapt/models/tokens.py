@@ -259,8 +259,9 @@ class TokenAdapter(nn.Module):
     per-head outputs), between attention and MLP, after the block. The model-level head hook is
     VisionTransformer.forward_head.
 
-    `cls_attention` is the attention row of the CLS query, [B, heads, N], computed on the side from q_cls
-    and K (the fused attention kernel does not expose it); a method asks for it by setting
+    `cls_attention` is the attention row of the CLS query, [B, heads, N]: row 0 of the attention matrix where
+    attention runs explicitly, else computed on the side from q_cls and K (the fused attention kernel does not
+    expose it; Attention.cls_row_on_side says which, for the MAC count); a method asks for it by setting
     `needs_cls_attention`.
     """
 
