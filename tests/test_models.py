@@ -163,6 +163,23 @@ def test_dense_token_batch():
     assert torch.equal(tokens.num_live(), torch.tensor([9, 9]))
 
 
+def test_replace_is_dataclasses_replace():
+    """TokenBatch.replace (a copy without dataclasses.replace's __init__) gives what dataclasses.replace gives, for
+    every field, leaves the original alone and refuses a field that does not exist."""
+    import dataclasses
+
+    tokens = TokenBatch.packed_rows(torch.randn(7, 4), torch.tensor([3, 4]))
+    changes = {"x": torch.randn(7, 4), "execution": "masked", "frames": 2, "num_initial": 11}
+    mine, reference = tokens.replace(**changes), dataclasses.replace(tokens, **changes)
+    assert type(mine) is TokenBatch
+    for f in dataclasses.fields(TokenBatch):
+        a, b = getattr(mine, f.name), getattr(reference, f.name)
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), f.name
+    assert tokens.execution == "packed" and tokens.frames == 1 and tokens.x is not changes["x"]
+    with pytest.raises(TypeError, match="kep"):
+        tokens.replace(kep=None)
+
+
 def test_with_keep_intersects_and_counts():
     x = torch.randn(2, 9, 48)
     keep = keep_mask_two_images()
