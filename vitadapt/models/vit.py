@@ -30,11 +30,15 @@ except ImportError:  # older torch: packed tokens always take the padded path
 SMALL_ATTENTION_LOGITS = 2 ** 18
 
 
-def explicit_is_faster(q: Tensor, longest: Optional[int] = None) -> bool:
+def explicit_is_faster(q: Tensor) -> bool:
     """Whether self-attention with queries q [..., N, dh] (e.g. [B, heads, N, dh]) runs faster explicitly (small,
-    on the CPU); longest: judge a sequence of that many tokens with q's other dimensions instead."""
-    n = q.shape[-2] if longest is None else longest
-    return q.device.type == "cpu" and math.prod(q.shape[:-2]) * n * n <= SMALL_ATTENTION_LOGITS
+    on the CPU)."""
+    return small_attention(q.device, math.prod(q.shape[:-2]), q.shape[-2])
+
+
+def small_attention(device: torch.device, sequences: int, n: int) -> bool:
+    """Whether `sequences` attention calls over n tokens each (images x heads) run faster explicitly."""
+    return device.type == "cpu" and sequences * n * n <= SMALL_ATTENTION_LOGITS
 
 
 def varlen_supported(x: Tensor) -> bool:
@@ -154,7 +158,7 @@ class Attention(nn.Module):
             # Every image's CLS row from its attention matrix where all run explicitly (the longest decides),
             # else every row on the side (so that vit_macs counts the side products of all images or none).
             self.cls_row_on_side = need_cls_attention and not (
-                not self.training and explicit_is_faster(qkv[:1, 0].transpose(0, 1), tokens.width))
+                not self.training and small_attention(x.device, heads, tokens.width))
             if need_cls_attention and not self.cls_row_on_side:
                 outs, rows = zip(*(self.attend_rows(image, need_cls_row=True) for image in images))
                 out, rows = torch.cat(outs), torch.cat(rows, dim=1)  # [T, heads, dh], [heads, T]
