@@ -80,7 +80,8 @@ def test_cls_row_counted_where_computed_on_the_side(monkeypatch, name):
         assert fvcore_macs(model, image, layer_norms=False) == counts[fused], fused
         side = [block.attn.cls_row_on_side for block in model.blocks]
         assert any(side) == fused
-    readers = [i for i, block in enumerate(model.blocks) if block.adapter is not None and block.adapter.needs_cls_attention]
+    readers = [i for i, block in enumerate(model.blocks)
+               if block.adapter is not None and block.adapter.needs_cls_attention]
     live = model.last_token_counts[0, readers, 0].double().sum().item()
     assert counts[True] - counts[False] == live * model.embed_dim
 
