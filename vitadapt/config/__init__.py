@@ -281,7 +281,8 @@ def merge_opts(cfg: CfgNode, opts: Sequence[str]) -> None:
 # Keys that may change when a run resumes: where and how it runs and logs, not what it trains (a run saved before a
 # key existed lacks it, which counts as a change).
 RESUMABLE_CHANGES = ("OUTPUT_DIR", "NUM_GPUS", "NUM_PROCS", "NUM_SHARDS", "SHARD_ID", "DIST_BACKEND", "LOG_PERIOD",
-                     "LOG_MODEL_INFO", "KEEP_FREED_CPU_MEMORY", "FLUSH_DENORMAL", "SOLVER.MAX_EPOCH", "TRAIN.EVAL_PERIOD", "TRAIN.CHECKPOINT_PERIOD",
+                     "LOG_MODEL_INFO", "KEEP_FREED_CPU_MEMORY", "FLUSH_DENORMAL", "SOLVER.MAX_EPOCH",
+                     "TRAIN.EVAL_PERIOD", "TRAIN.CHECKPOINT_PERIOD",
                      "TRAIN.KEEP_LAST_K", "TRAIN.AUTO_RESUME", "TRAIN.CHECKPOINT_FILE_PATH", "TEST.", "DATA_LOADER.",
                      "TENSORBOARD.", "BENCHMARK.", "DATA.PATH_TO_DATA_DIR")
 
